@@ -1,0 +1,255 @@
+"""Configuration: one frozen dataclass per stage, a pipeline config holding them, YAML + overrides.
+
+YAML files state only what differs from the defaults; ``key=value`` overrides use dotted paths
+(``train.lr=0.01``, ``rounds=2``) and are type-checked against the dataclass fields. Unknown keys are
+an error that names the key. Every default carries a one-line reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What each Ray task asks for, so an autoscaler adds the right nodes (DESIGN §10)."""
+
+    cpus_per_task: float = 1.0  # one core per similarity / CCCP / decode task is the natural grain
+    gpus_for_training: bool = False  # CPU by default: CI and laptops have no GPU; set True on a GPU cluster
+    gpus_for_impute: bool = False  # same as training: feature extraction uses a GPU only when asked
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    frame_stride: int = 1  # keep every frame: the paper uses all frames of each video
+    max_frames: int = 0  # 0 = no limit per video; set it to bound a quick look at long videos
+    resize_to: int = 0  # 0 = store frames at their size; >0 shrinks the longer side to this many pixels
+    image_format: str = "png"  # lossless, so features do not depend on re-encoding
+    on_bad_frame: str = "error"  # "error" stops on an undecodable frame; "skip" skips and lists it
+    column_map: dict = field(default_factory=dict)  # Parquet sources: {source column: canonical column}
+    category_from_folder: bool = False  # folder tree whose first level is the category
+    default_category: str = "all"  # a single category unless the data say otherwise (DESIGN §1)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    kind: str = "hog_lda"  # paper Sect. 2.1: whitened HOG; also "hog" (unwhitened) and "raw" pixels
+    image_size: int = 64  # DESIGN §3: frames resized to 64×64 grey before HOG
+    hog_orientations: int = 9  # Dalal–Triggs / skimage default
+    hog_cell: int = 8  # 8-pixel cells, as the authors' HOG-LDA
+    hog_block: int = 2  # 2×2-cell blocks, skimage default
+    lda_lambda: float = 0.02  # Σ + λI as in the authors' MATLAB HOG-LDA; keeps Σ invertible
+    batch_size: int = 512  # frames per Ray Data batch: large enough to amortise, small in memory
+
+
+@dataclass(frozen=True)
+class NeighboursConfig:
+    k: int = 50  # only the extremes of the similarity distribution are trusted (paper Fig. 4b)
+    row_block: int = 4096  # rows per Ray task: O(rows·(k + cols)) memory per task
+    col_block: int = 8192  # columns per tile: one GEMM of row_block × col_block at a time
+    across_categories: bool = False  # the paper learns per category; never mix them unless asked
+
+
+@dataclass(frozen=True)
+class CliquesConfig:
+    neighbourhood: int = 20  # seed + its 20 nearest frames are clustered (paper: ~20 per clique)
+    min_sim: float = 0.0  # complete-linkage cut: every pair in a clique at least this similar (0: size only)
+    target_size: int = 20  # paper Fig. 3: cliques of at least 20 samples... at most this many here
+    min_size: int = 4  # a clique of fewer frames teaches little
+    max_per_video: int = 5  # stop a clique from being neighbouring frames of one shot (DESIGN §6)
+    num_cliques: int = 100  # K, paper Sect. 3.1
+    seeds_per_task: int = 512  # seeds per parallel Ray task
+
+
+@dataclass(frozen=True)
+class BatchesConfig:
+    num_batches: int = 100  # B, paper Sect. 3.1
+    cliques_per_batch: int = 20  # r, paper Sect. 3.1
+    p: float = 0.0625  # p = 1/16 approximates a step function (paper Sect. 2.3)
+    lambda1: float = 1.0  # per-batch coverage weight, relative to its size at a random feasible X
+    lambda2: float = 1.0  # total coverage weight, relative to its size at a random feasible X
+    lambda3: float = 1.0  # binariness push ||X − 0.5||², relative to its size at a random feasible X
+    solver: str = "fast"  # "fast" (first-order, torch) at scale; "exact" (cvxpy + Clarabel) for small problems
+    cccp_iters: int = 30  # CCCP outer iterations; converges in far fewer on the demo
+    restarts: int = 4  # independent random starts, solved as parallel Ray tasks; best objective wins
+    seed: int = 0  # seeds the restarts: same seed, same batches
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "alexnet_small"  # AlexNet-style from scratch (paper); any torchvision classifier by name
+    input_size: int = 64  # network input in pixels; 64 keeps CPU training affordable
+    feature_layer: str = "fc7"  # paper Sect. 3.1 measures similarities on fc7
+    images_per_step: int = 128  # M, paper Sect. 3.1
+    steps: int = 300  # SGD steps per round; the paper's 1e5 is a GPU budget
+    optimizer: str = "adagrad"  # paper: AdaGrad, lr 0.001; "sgd" uses momentum (Eq. 8)
+    lr: float = 0.01  # AdaGrad from scratch learns faster than the paper's fine-tuning rate
+    momentum: float = 0.9  # μ of Eq. 8 when optimizer = "sgd"
+    weight_decay: float = 5e-4  # λ r(W) of Eq. 7
+    num_workers: int = 1  # Ray Train workers (DDP); raise on a cluster
+    checkpoint_every: int = 100  # steps between checkpoints; a failed worker loses at most this many
+    max_failures: int = 2  # FailureConfig: restarts from the latest checkpoint before giving up
+    fail_at_step: int = -1  # failure injection for tests: the first attempt dies at this step (-1: never)
+    seed: int = 0  # seeds weights and sampling
+
+
+@dataclass(frozen=True)
+class ImputeConfig:
+    ltp_p: int = 3  # temporal window ±p frames (paper Sect. 3.1); 0 for data without videos
+    batch_size: int = 256  # images per forward pass
+    num_actors: int = 1  # Ray Data actors holding the model; one per GPU on a cluster
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    labels: str = ""  # labels table (Parquet path/URI); empty = no evaluation. Training never reads it
+    knn_k: int = 5  # k-NN classification, paper's PASCAL protocol
+    category: str = ""  # evaluate one category only ("" = all)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run: str = "runs/demo"  # run directory: local path or s3://bucket/prefix
+    sources: tuple = ()  # what to ingest: video files, image folders, Parquet paths/URIs
+    rounds: int = 3  # paper Sect. 2.6: converges in fewer than four rounds
+    seed: int = 0  # one seed for the run; stages derive theirs from it
+    ingest: IngestConfig = IngestConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    neighbours: NeighboursConfig = NeighboursConfig()
+    cliques: CliquesConfig = CliquesConfig()
+    batches: BatchesConfig = BatchesConfig()
+    train: TrainConfig = TrainConfig()
+    impute: ImputeConfig = ImputeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overriding
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Coerce ``value`` to ``annotation`` where lossless, else raise ConfigError naming ``key``."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"Optional": Optional, "Union": Union})  # noqa: S307
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key '{key}': {value!r} fits none of {annotation}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' wants true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' wants an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' wants a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' wants a string, got {value!r}")
+    if annotation in (tuple, list) or origin in (tuple, list):
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"config key '{key}' wants a list, got {value!r}")
+    if annotation is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"config key '{key}' wants a mapping, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (partial) nested dict; unknown keys raise ConfigError."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(fields))})")
+        hint = typing.get_type_hints(cls)[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{path}' is a section; give it a mapping, got {value!r}")
+            kwargs[key] = from_dict(hint, value, prefix=f"{path}.")
+        else:
+            kwargs[key] = _check_type(value, hint, path)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    """Nested plain dict of a config dataclass (tuples become lists, for YAML/JSON)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=list))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (["a", "b"], value parsed as YAML, so 3 is int, 0.5 float, true bool)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), value
+
+
+def merge(base: dict, path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{'.'.join(path)}': '{part}' is not a section")
+    node[path[-1]] = value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> PipelineConfig:
+    """Defaults ← YAML file (if any) ← ``key=value`` overrides, type-checked."""
+    data: dict = {}
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        merge(data, keys, value)
+    return from_dict(PipelineConfig, data)
+
+
+def config_hash(config: Any) -> str:
+    """Stable short hash of a config dataclass (or dict), used by the run directory's skip rule."""
+    payload = to_dict(config) if dataclasses.is_dataclass(config) else config
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,86 @@
+"""Connecting to Ray, quietly: a cluster when one is named, an embedded local Ray otherwise."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+log = logging.getLogger("cliquecnn")
+
+# Set before Ray is imported: no usage reporting, no ~/.ray/auth_token written by Ray 2.60.
+QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+for _key, _value in QUIET_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+# Passed to every worker so S3 endpoints and credentials set on the driver reach the tasks.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "CLIQUECNN_S3_CONNECT_TIMEOUT",
+    "CLIQUECNN_S3_REQUEST_TIMEOUT",
+)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One concise line per event on the console."""
+    logger = logging.getLogger("cliquecnn")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def tame_ray_data() -> None:
+    """Progress bars on a terminal; otherwise no bars and Ray Data's periodic INFO lines silenced."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    interactive = sys.stderr.isatty()
+    ctx.enable_progress_bars = interactive
+    if hasattr(ctx, "print_on_execution_start"):
+        ctx.print_on_execution_start = False
+    if not interactive:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+
+
+def worker_env() -> dict:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.update(QUIET_ENV)
+    return env
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``) when given, else start an embedded local Ray.
+
+    Idempotent: an already initialised Ray is kept (tests share one per session).
+    """
+    import ray
+
+    if ray.is_initialized():
+        tame_ray_data()
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        log.info("starting an embedded local Ray")
+        ray.init(
+            num_cpus=num_cpus,
+            runtime_env=runtime_env,
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+        )
+    tame_ray_data()

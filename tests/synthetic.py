@@ -1,0 +1,75 @@
+"""Seeded synthetic data for tests: images with class structure, frame tables, committed run stages."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from cliquecnn_ray import rundir, schema, storage
+
+
+def class_images(n_classes: int = 4, per_class: int = 16, size: int = 32, seed: int = 0):
+    """Grey uint8 images (N, size, size) whose class sets the orientation of a bar pattern, with random
+    phase, contrast and noise, so HOG separates classes but no two images are equal.
+    Returns (images, labels) with labels (N,) int64, classes in blocks."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    images, labels = [], []
+    for c in range(n_classes):
+        angle = np.pi * c / n_classes
+        for _ in range(per_class):
+            phase = rng.uniform(0, 2 * np.pi)
+            freq = rng.uniform(3.0, 4.0)
+            wave = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
+            img = 128 + rng.uniform(60, 100) * wave + rng.normal(0, 8, wave.shape)
+            images.append(np.clip(img, 0, 255).astype(np.uint8))
+            labels.append(c)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def frames_table(images: np.ndarray, video_ids=None, frame_index=None, category="all") -> pa.Table:
+    """A canonical frame table (DESIGN §2) holding PNG bytes of ``images`` (N, H, W[, 3])."""
+    n = len(images)
+    video_ids = [f"v{i:05d}" for i in range(n)] if video_ids is None else list(video_ids)
+    frame_index = np.zeros(n, dtype=np.int32) if frame_index is None else np.asarray(frame_index, np.int32)
+    categories = [category] * n if isinstance(category, str) else list(category)
+    table = pa.table(
+        {
+            schema.FRAME_ID: pa.array(np.arange(n, dtype=np.int64)),
+            schema.VIDEO_ID: pa.array(video_ids, pa.string()),
+            schema.FRAME_INDEX: pa.array(frame_index, pa.int32()),
+            schema.CATEGORY: pa.array(categories, pa.string()),
+            schema.IMAGE: pa.array([png_bytes(im) for im in images], pa.binary()),
+        }
+    )
+    return schema.validate_frames(table)
+
+
+def commit_table(run: str, round_: int, stage: str, table: pa.Table) -> rundir.StageDir:
+    """Commit ``table`` as stage output, as the real stage would (for tests of later stages)."""
+    out = rundir.StageDir(run, round_, stage)
+
+    def write(attempt_uri: str) -> dict:
+        storage.write_parquet(table, storage.join(attempt_uri, "part-00000.parquet"))
+        return {"rows": table.num_rows}
+
+    rundir.run_stage(out, {"synthetic": stage}, {}, write, force=True)
+    return out
+
+
+def clustered_features(n_clusters: int = 5, per_cluster: int = 20, d: int = 16, noise: float = 0.3, seed: int = 0):
+    """L2-normalised features (N, d) float32 around random centres, and their cluster labels (N,)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, d))
+    labels = np.repeat(np.arange(n_clusters), per_cluster)
+    feats = centres[labels] + noise * rng.normal(size=(len(labels), d))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    return feats.astype(np.float32), labels
