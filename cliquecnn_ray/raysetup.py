@@ -75,12 +75,8 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        log.info("starting an embedded local Ray")
-        ray.init(
-            num_cpus=num_cpus,
-            runtime_env=runtime_env,
-            include_dashboard=False,
-            log_to_driver=True,
-            logging_level=logging.WARNING,
-        )
+        # Joins a Ray already started on this machine (a cluster head under `ray submit`), else embeds one.
+        log.info("starting (or joining) a local Ray")
+        kwargs = {"num_cpus": num_cpus} if num_cpus else {}
+        ray.init(runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING, **kwargs)
     tame_ray_data()
