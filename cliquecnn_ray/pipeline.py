@@ -83,12 +83,14 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
     if cfg.evaluate.labels:
         evaluations.append(step("evaluate", cfg.rounds)["stats"])
         _log_round(cfg.rounds, evaluations[-1], records)
+    report_uri = step("report")["stats"]["uri"]
     summary = {
         "run": cfg.run,
         "rounds": cfg.rounds,
         "per_round": evaluations,
         "stage_seconds": {k: round(v, 2) for k, v in timings.items()},
         "total_s": round(time.time() - started, 2),
+        "report": report_uri,
         "records": {k: {"skipped": v.get("skipped"), "seconds": v.get("seconds")} for k, v in records.items()},
     }
     storage.write_json(storage.join(cfg.run, "summary.json"), summary)
