@@ -1,0 +1,295 @@
+"""Evaluate stage (DESIGN §9): a round's features against the labels table, as Ray tasks.
+
+Reads the features of ``StageDir(run, round, features_stage)``, the frames table of round 0 (frame_id,
+video_id, frame_index, category) and the labels table ``cfg.evaluate.labels`` (never read by training), in
+either form of DESIGN §2:
+- class labels (frame_id, label): every labelled frame is a query against the other labelled frames of
+  its category (leave-one-out): per-query ROC AUC, AUC of the mean ROC, k-NN accuracy, mAP;
+- candidate lists (query_id, positive_ids, negative_ids): per-query AUC, AUC of the mean ROC (the Olympic
+  Sports figure) and AP over each query's own candidates; no kNN (no classes).
+The evaluation set is the frames the labels table names, per category (from the frames table). Features are
+Pearson-normalised per frame (``evaluate.pearson``), then optionally Local Temporal Pooled (``ltp_p``).
+Work: one Ray task per (category, chunk of queries), each returning additive ``evaluate.Partial`` sums.
+Writes ``metrics.json`` (with the curves), ``roc.png`` and ``pr.png``; the record's stats are the metrics
+without the curves (read by the pipeline and the report).
+"""
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from .. import evaluate as E
+from .. import raysetup, schema, storage
+from ..config import PipelineConfig, to_dict
+from ..evaluate import format_metrics_table  # noqa: F401  (re-exported: the pipeline and benchmarks use it)
+from ..neighbours import ltp_features
+from ..rundir import StageDir, run_stage, source_fingerprint
+
+log = logging.getLogger("cliquecnn")
+
+FRAME_COLUMNS = [schema.FRAME_ID, schema.VIDEO_ID, schema.FRAME_INDEX, schema.CATEGORY]
+IDS_SHOWN = 10  # unknown frame ids listed in an error
+
+
+def run(
+    cfg: PipelineConfig,
+    round: int = 0,  # noqa: A002 (stage signature)
+    force: bool = False,
+    features_stage: str = "features",
+    out_stage: str = "evaluate",
+    ltp_p: int = 0,
+) -> dict:
+    """Evaluate ``StageDir(cfg.run, round, features_stage)`` and commit to ``StageDir(cfg.run, round,
+    out_stage)``; ``ltp_p`` > 0 pools ±ltp_p frames first (Eq. 9). Returns run_stage's record."""
+    ecfg = cfg.evaluate
+    if not ecfg.labels:
+        raise ValueError("evaluate: no labels table configured (set evaluate.labels to a Parquet path or URI)")
+    if ltp_p < 0:
+        raise ValueError(f"evaluate: ltp_p must be ≥ 0, got {ltp_p}")
+    features = StageDir(cfg.run, round, features_stage)
+    frames = StageDir(cfg.run, 0, "frames")
+    inputs = {
+        "features": features.fingerprint(),
+        "frames": frames.fingerprint(),
+        "labels": source_fingerprint(ecfg.labels),
+    }
+    config = {"evaluate": to_dict(ecfg), "features_stage": features_stage, "ltp_p": ltp_p}
+
+    def compute(attempt_uri: str) -> dict:
+        metrics = evaluate_run(cfg, features, frames, ltp_p)
+        metrics["protocol"] = {
+            "features": str(features),
+            "labels": ecfg.labels,
+            "similarity": "pearson" if ecfg.pearson else "dot",
+            "ltp_p": ltp_p,
+            "knn_k": ecfg.knn_k,
+            "roc_points": E.ROC_POINTS,
+        }
+        storage.write_json(storage.join(attempt_uri, "metrics.json"), metrics)
+        roc_png, pr_png = plot_curves(metrics, title=f"{features}" + (f", LTP ±{ltp_p}" if ltp_p else ""))
+        storage.write_bytes(storage.join(attempt_uri, "roc.png"), roc_png)
+        storage.write_bytes(storage.join(attempt_uri, "pr.png"), pr_png)
+        rows = {f"  {cat}": m for cat, m in metrics["per_category"].items()} if len(metrics["per_category"]) > 1 else {}
+        for line in format_metrics_table({**rows, str(features): metrics}).splitlines():
+            log.info("evaluate: %s", line)
+        stats = {k: v for k, v in metrics.items() if k != "curves"}
+        stats["rows"] = metrics["n_queries"] + metrics["skipped_queries"]
+        return stats
+
+    return run_stage(StageDir(cfg.run, round, out_stage), config, inputs, compute, force=force)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def evaluate_run(cfg: PipelineConfig, features: StageDir, frames: StageDir, ltp_p: int = 0) -> dict[str, Any]:
+    """Load features, frames and labels, distribute the partial sums over Ray tasks; the metrics dict."""
+    import ray
+
+    ecfg = cfg.evaluate
+    ids, feats = schema.table_to_features(features.read_table(), source=str(features))
+    frame_table = frames.read_table(columns=FRAME_COLUMNS)
+    labels = storage.read_parquet(ecfg.labels)
+    if ecfg.pearson:
+        feats = E.pearson_normalise(feats)  # per frame, before pooling: pooled vectors stay centred, unit norm
+    if ltp_p > 0:
+        feats = ltp_features(ids, feats, frame_table, ltp_p)
+    category_of = _categories_by_row(ids, frame_table, str(features))
+    raysetup.init_ray()
+    cpus = cfg.resources.cpus_per_task
+    if schema.LABEL in labels.column_names:
+        jobs = _class_jobs(cfg, labels, ids, feats, category_of, cpus)
+    elif schema.QUERY_ID in labels.column_names:
+        jobs = _candidate_jobs(cfg, labels, ids, feats, category_of, cpus)
+    else:
+        raise schema.SchemaError(
+            f"labels table ({ecfg.labels}): needs columns ({schema.FRAME_ID}, {schema.LABEL}) or "
+            f"({schema.QUERY_ID}, {schema.POSITIVE_IDS}, {schema.NEGATIVE_IDS}); has {', '.join(labels.column_names)}"
+        )
+    results = ray.get([ref for _, ref in jobs])
+    parts: dict[str, E.Partial] = {}
+    for (cat, _), part in zip(jobs, results):
+        parts[cat] = parts.get(cat, E.Partial()) + part
+    metrics = E.summarise_categories(parts)
+    if metrics["skipped_queries"]:
+        log.warning("evaluate: %d queries have no positive or no negative and were skipped", metrics["skipped_queries"])
+    return metrics
+
+
+def _categories_by_row(ids: np.ndarray, frames: pa.Table, features_name: str) -> np.ndarray:
+    """Category of each features row (features sorted by frame_id)."""
+    frame_ids = frames.column(schema.FRAME_ID).to_numpy().astype(np.int64)
+    order = np.argsort(frame_ids, kind="stable")
+    at = np.minimum(np.searchsorted(frame_ids[order], ids), len(order) - 1)
+    missing = frame_ids[order][at] != ids
+    if missing.any():
+        raise schema.SchemaError(
+            f"{features_name}: frame_id {ids[np.argmax(missing)]} has features but no row in the frames table"
+        )
+    cats = frames.column(schema.CATEGORY).to_numpy(zero_copy_only=False)
+    return np.asarray(cats[order[at]], dtype=object)
+
+
+def _rows_of(wanted: np.ndarray, ids: np.ndarray, what: str, source: str) -> np.ndarray:
+    """Positions of frame ids ``wanted`` in the sorted features ids; an error names the unknown ones."""
+    wanted = np.asarray(wanted, dtype=np.int64)
+    at = np.minimum(np.searchsorted(ids, wanted), max(len(ids) - 1, 0))
+    missing = (ids[at] != wanted) if len(ids) else np.ones(len(wanted), bool)
+    if missing.any():
+        unknown = np.unique(wanted[missing])
+        raise schema.SchemaError(
+            f"labels table ({source}): column '{what}' names {len(unknown)} frame id(s) that are not in the "
+            f"frames/features of this run: {unknown[:IDS_SHOWN].tolist()}{' …' if len(unknown) > IDS_SHOWN else ''}"
+        )
+    return at
+
+
+def _selected(cfg: PipelineConfig, cats: np.ndarray, source: str) -> list[str]:
+    present = sorted(set(cats.tolist()))
+    if cfg.evaluate.category:
+        if cfg.evaluate.category not in present:
+            raise ValueError(
+                f"evaluate.category = {cfg.evaluate.category!r}: the labels table ({source}) names no frame of "
+                f"that category (categories with labels: {', '.join(present)})"
+            )
+        return [cfg.evaluate.category]
+    return present
+
+
+def _class_jobs(cfg, labels, ids, feats, category_of, cpus) -> list[tuple[str, Any]]:
+    import ray
+
+    source = cfg.evaluate.labels
+    table = schema.check_columns(labels, schema.CLASS_LABELS, "labels", source)
+    label_col = table.column(schema.LABEL)
+    if label_col.null_count:
+        bad = int(np.flatnonzero(np.asarray(label_col.is_null()))[0])
+        raise schema.SchemaError(f"labels table ({source}): column '{schema.LABEL}' is null at row {bad}")
+    frame_ids = table.column(schema.FRAME_ID).to_numpy().astype(np.int64)
+    uniq, counts = np.unique(frame_ids, return_counts=True)
+    if (counts > 1).any():
+        raise schema.SchemaError(
+            f"labels table ({source}): column '{schema.FRAME_ID}' names frame {uniq[counts > 1][0]} more than once"
+        )
+    rows = _rows_of(frame_ids, ids, schema.FRAME_ID, source)
+    values = np.asarray(label_col.to_pylist(), dtype=object)
+    cats = category_of[rows]
+    k = cfg.evaluate.knn_k
+    jobs = []
+    task = ray.remote(_class_task_fn).options(num_cpus=cpus)
+    for cat in _selected(cfg, cats, source):
+        sel = np.flatnonzero(cats == cat)
+        sel = sel[np.argsort(rows[sel])]  # frame_id order: results do not depend on the labels' row order
+        codes, _ = E.encode_labels(values[sel].astype(str))
+        feats_ref = ray.put(np.ascontiguousarray(feats[rows[sel]]))
+        codes_ref = ray.put(codes)
+        n = len(sel)
+        row_block = E.row_block_for(n, cfg.evaluate.memory_mb)
+        step = max(1, cfg.evaluate.queries_per_task)
+        log.info("evaluate: category %s, %d labelled frames, %d classes, %d task(s)", cat, n, codes.max() + 1,
+                 -(-n // step))
+        for start in range(0, n, step):
+            jobs.append((cat, task.remote(feats_ref, codes_ref, k, start, min(n, start + step), row_block)))
+    return jobs
+
+
+def _candidate_jobs(cfg, labels, ids, feats, category_of, cpus) -> list[tuple[str, Any]]:
+    import ray
+
+    source = cfg.evaluate.labels
+    table = schema.check_columns(labels, schema.QUERY_LABELS, "labels", source)
+    query_ids = table.column(schema.QUERY_ID).to_numpy().astype(np.int64)
+    lists = {}
+    for col in (schema.POSITIVE_IDS, schema.NEGATIVE_IDS):
+        lists[col] = [np.asarray(v or [], dtype=np.int64) for v in table.column(col).to_pylist()]
+    query_rows = _rows_of(query_ids, ids, schema.QUERY_ID, source)
+    cand_rows = {
+        col: _split(_rows_of(np.concatenate(v) if v else np.zeros(0, np.int64), ids, col, source), v)
+        for col, v in lists.items()
+    }
+    cats = category_of[query_rows]
+    feats_ref = ray.put(np.ascontiguousarray(feats))
+    task = ray.remote(_candidate_task_fn).options(num_cpus=cpus)
+    step = max(1, cfg.evaluate.queries_per_task)
+    jobs = []
+    for cat in _selected(cfg, cats, source):
+        sel = np.flatnonzero(cats == cat)
+        log.info("evaluate: category %s, %d queries with candidate lists", cat, len(sel))
+        for lo in range(0, len(sel), step):
+            chunk = sel[lo : lo + step]
+            cand, positive, valid = E.pad_candidates(
+                [cand_rows[schema.POSITIVE_IDS][i] for i in chunk], [cand_rows[schema.NEGATIVE_IDS][i] for i in chunk]
+            )
+            jobs.append((cat, task.remote(feats_ref, query_rows[chunk], cand, positive, valid)))
+    return jobs
+
+
+def _split(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
+    bounds = np.cumsum([len(v) for v in like])[:-1]
+    return np.split(flat, bounds) if like else []
+
+
+def _class_task_fn(feats, codes, k, start, stop, row_block) -> E.Partial:
+    return E.class_partial(feats, codes, k=k, start=start, stop=stop, row_block=row_block)
+
+
+def _candidate_task_fn(feats, query_rows, cand, positive, valid) -> E.Partial:
+    scores = E.candidate_scores(feats[query_rows], feats, cand)
+    return E.candidate_partial(scores, positive, valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+
+
+def plot_curves(metrics: dict[str, Any], title: str = "") -> tuple[bytes, bytes]:
+    """PNG bytes of the mean ROC curves and the mean interpolated precision-recall curves, per category
+    (thin) and over all queries (thick), from ``metrics["curves"]``. Matplotlib's Agg canvas, no pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = metrics["curves"]
+    grid = np.asarray(curves["grid"])
+    per_category = curves["per_category"]
+    pngs = []
+    for key, xlabel, ylabel, name in (
+        ("mean_tpr", "false positive rate", "true positive rate (mean over queries)", "ROC"),
+        ("mean_precision", "recall", "interpolated precision (mean over queries)", "precision-recall"),
+    ):
+        fig = Figure(figsize=(5.5, 5), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        legend = len(per_category) <= 12
+        if len(per_category) > 1:
+            for cat, c in per_category.items():
+                m = metrics["per_category"][cat]
+                if m["n_queries"]:
+                    label = f"{cat} ({m['auc_mean_roc']:.3f})" if key == "mean_tpr" else f"{cat} ({m['map']:.3f})"
+                    ax.plot(grid, c[key], linewidth=0.8, alpha=0.7, label=label if legend else None)
+        overall = f"all ({metrics['auc_mean_roc_all_queries']:.3f})" if key == "mean_tpr" else f"all (mAP {metrics['map']:.3f})"
+        ax.plot(grid, curves["all"][key], color="black", linewidth=2.0, label=overall)
+        if key == "mean_tpr":
+            ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{name}: {title}" if title else name, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right" if key == "mean_tpr" else "lower left")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        pngs.append(buf.getvalue())
+    return pngs[0], pngs[1]
+
+
+def read_metrics(cfg: PipelineConfig, round: int = 0, out_stage: str = "evaluate") -> Optional[dict]:  # noqa: A002
+    """The committed metrics.json of an evaluation (with curves), or None when not committed."""
+    out = StageDir(cfg.run, round, out_stage)
+    if out.record() is None:
+        return None
+    return storage.read_json(out.file("metrics.json"))
