@@ -52,25 +52,30 @@ class FeaturesConfig:
     hog_block: int = 2  # 2×2-cell blocks, skimage default
     lda_lambda: float = 0.02  # Σ + λI as in the authors' MATLAB HOG-LDA; keeps Σ invertible
     batch_size: int = 512  # frames per Ray Data batch: large enough to amortise, small in memory
+    stats_batch_size: int = 8192  # frames per partial Σ sum and per output file: few partials, few files
 
 
 @dataclass(frozen=True)
 class NeighboursConfig:
     k: int = 50  # only the extremes of the similarity distribution are trusted (paper Fig. 4b)
-    row_block: int = 4096  # rows per Ray task: O(rows·(k + cols)) memory per task
-    col_block: int = 8192  # columns per tile: one GEMM of row_block × col_block at a time
+    row_block: int = 4096  # rows per Ray task: ~1 min of GEMM at N = 113k, d = 512; little lost on a retry
+    col_block: int = 32768  # columns per tile: wide tiles amortise the per-tile top-k work (gemm_ratio)
+    tile_rows: int = 1024  # rows per tile: a 1024 × 32768 fp32 tile is 128 MB, reused within a task
     across_categories: bool = False  # the paper learns per category; never mix them unless asked
 
 
 @dataclass(frozen=True)
 class CliquesConfig:
     neighbourhood: int = 20  # seed + its 20 nearest frames are clustered (paper: ~20 per clique)
-    min_sim: float = 0.0  # complete-linkage cut: every pair in a clique at least this similar (0: size only)
+    min_sim: float = 0.0  # complete-linkage cut: every pair in a clique at least this similar (−1: size only)
     target_size: int = 20  # paper Fig. 3: cliques of at least 20 samples... at most this many here
     min_size: int = 4  # a clique of fewer frames teaches little
     max_per_video: int = 5  # stop a clique from being neighbouring frames of one shot (DESIGN §6)
     num_cliques: int = 100  # K, paper Sect. 3.1
     seeds_per_task: int = 512  # seeds per parallel Ray task
+    max_seeds: int = 0  # 0 = every frame of a category seeds a clique (paper); >0 a seeded random subset
+    max_size: int = 40  # merged cliques stay ≤ 2·target_size: overlaps merge, chains do not grow into classes
+    max_covered: float = 0.5  # selection skips a clique whose frames are mostly in already chosen ones
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class TrainConfig:
     images_per_step: int = 128  # M, paper Sect. 3.1
     steps: int = 300  # SGD steps per round; the paper's 1e5 is a GPU budget
     optimizer: str = "adagrad"  # paper: AdaGrad, lr 0.001; "sgd" uses momentum (Eq. 8)
-    lr: float = 0.01  # AdaGrad from scratch learns faster than the paper's fine-tuning rate
+    lr: float = 0.001  # paper Sect. 3.1; 0.01 from scratch spiked the loss 1.4 → 28 in the first steps
     momentum: float = 0.9  # μ of Eq. 8 when optimizer = "sgd"
     weight_decay: float = 5e-4  # λ r(W) of Eq. 7
     num_workers: int = 1  # Ray Train workers (DDP); raise on a cluster
@@ -103,6 +108,13 @@ class TrainConfig:
     max_failures: int = 2  # FailureConfig: restarts from the latest checkpoint before giving up
     fail_at_step: int = -1  # failure injection for tests: the first attempt dies at this step (-1: never)
     seed: int = 0  # seeds weights and sampling
+    grey: bool = True  # train on luminance like the HOG-LDA start; False: RGB (in_channels 3)
+    log_every: int = 10  # steps per logged mean loss in the stage's stats
+    augment: bool = True  # paper Sect. 3.1: random translation, scaling, rotation, colour
+    aug_rotate: float = 10.0  # degrees, ±; small: a posture must stay the same posture
+    aug_translate: float = 0.1  # fraction of the side, ± per axis
+    aug_scale: float = 0.1  # zoom in [1 − s, 1 + s]
+    aug_colour: float = 0.3  # brightness and contrast factors in [1 − c, 1 + c]
 
 
 @dataclass(frozen=True)
@@ -117,6 +129,9 @@ class EvaluateConfig:
     labels: str = ""  # labels table (Parquet path/URI); empty = no evaluation. Training never reads it
     knn_k: int = 5  # k-NN classification, paper's PASCAL protocol
     category: str = ""  # evaluate one category only ("" = all)
+    pearson: bool = True  # similarity = Pearson correlation (centre + L2-normalise each vector), paper's protocol
+    memory_mb: int = 1024  # per task, for whole similarity rows and their ranks (~160 B per entry): sets row blocks
+    queries_per_task: int = 4096  # query rows per Ray task: tasks of seconds, enough of them to spread
 
 
 @dataclass(frozen=True)
