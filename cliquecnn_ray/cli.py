@@ -50,6 +50,16 @@ def common_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Like parse_args, but overrides and sources may also stand after options (`--run r k=v`)."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.items = list(args.items) + extra
+    return args
+
+
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     overrides = [item for item in args.items if _OVERRIDE.match(item)]
     positional = [item for item in args.items if not _OVERRIDE.match(item)]
@@ -92,16 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     raysetup.setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    from . import pipeline
-
     if args.command in ("ingest",) and not cfg.sources:
         parser.error("ingest needs at least one SOURCE (a video file, a folder, or a Parquet path/URI)")
+    try:
+        return _run_command(args, cfg)
+    except USER_ERRORS as exc:
+        # Bad input is the user's to fix: one clear line, no traceback.
+        print(f"cliquecnn {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple:
+    from .ingest import IngestError
+    from .rundir import StageNotCommitted
+    from .schema import SchemaError
+    from .storage import StorageError
+
+    return (ConfigError, IngestError, SchemaError, StageNotCommitted, StorageError, FileNotFoundError)
+
+
+USER_ERRORS = _user_errors()
+
+
+def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    from . import pipeline
+
     raysetup.init_ray(address=args.address)
     if args.command == "pipeline":
         summary = pipeline.run_pipeline(cfg, force=args.force)

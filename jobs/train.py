@@ -16,14 +16,14 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from cliquecnn_ray import raysetup  # noqa: E402
-from cliquecnn_ray.cli import common_parser, config_from_args  # noqa: E402
+from cliquecnn_ray.cli import common_parser, config_from_args, parse_args  # noqa: E402
 from cliquecnn_ray.pipeline import run_pipeline  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    args = parser.parse_args()
+    args = parse_args(parser)
     raysetup.setup_logging(logging.WARNING if args.quiet else logging.INFO)
     cfg = config_from_args(args)
     # Without an address, ray.init() joins a Ray started on this machine (the head under `ray submit`),

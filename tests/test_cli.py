@@ -44,3 +44,15 @@ def test_console_script_is_installed():
     assert script, "the cliquecnn entry point is not installed beside this Python"
     out = subprocess.run([script, "ingest", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "SOURCE" in out.stdout
+
+
+def test_overrides_may_follow_options():
+    args = cli.parse_args(cli.build_parser(), ["neighbours", "--run", "r", "neighbours.k=7", "--round", "1"])
+    cfg = cli.config_from_args(args)
+    assert cfg.neighbours.k == 7 and args.round == 1
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    code = cli.main(["cliques", "--run", str(tmp_path / "empty-run"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and "has no committed output" in err and "Traceback" not in err
