@@ -12,8 +12,10 @@ the windows around it shorter than 1; such frames are counted in the stats. Labe
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -62,16 +64,25 @@ class FeatureExtractor:
         return schema.features_to_table(ids, feats)
 
 
-def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # noqa: A002 (stage signature)
+def run(
+    cfg: PipelineConfig,
+    round: int = 0,  # noqa: A002 (stage signature)
+    force: bool = False,
+    model_stage: str = "model",
+    out_stage: str = "features",
+    ltp_p: Optional[int] = None,
+) -> dict:
     """Features of every frame from round ``round``'s model, LTP with p = ``impute.ltp_p``, committed to
-    StageDir(run, round + 1, "features").
+    StageDir(run, round + 1, "features"). Baselines name another model / output stage or another p.
 
     Returns run_stage's record; stats: rows, d (after LTP), frame_d (CNN feature length), ltp_p, layer,
     zero_features (frames whose centred CNN feature was zero), extract_seconds, files.
     """
-    model_dir = StageDir(cfg.run, round, "model")
+    if ltp_p is not None:
+        cfg = dataclasses.replace(cfg, impute=dataclasses.replace(cfg.impute, ltp_p=ltp_p))
+    model_dir = StageDir(cfg.run, round, model_stage)
     frames_dir = StageDir(cfg.run, 0, "frames")
-    out = StageDir(cfg.run, round + 1, "features")
+    out = StageDir(cfg.run, round + 1, out_stage)
     inputs = {"model": model_dir.fingerprint(), "frames": frames_dir.fingerprint()}
     stage_config = {"impute": to_dict(cfg.impute), "gpu": cfg.resources.gpus_for_impute}
 

@@ -84,9 +84,10 @@ class TrainingData:
     clique_ids: np.ndarray  # (K,) int32: the clique of each head output, ascending
 
 
-def load_training_data(cfg: PipelineConfig, round_: int, seed: int) -> TrainingData:
+def load_training_data(cfg: PipelineConfig, round_: int, seed: int, variant: str = "") -> TrainingData:
     """Cliques and batches of ``round_`` and the frames of all cliques, decoded at ``train.input_size``."""
-    cliques_dir, batches_dir = StageDir(cfg.run, round_, "cliques"), StageDir(cfg.run, round_, "batches")
+    cliques_dir = StageDir(cfg.run, round_, "cliques" + variant)
+    batches_dir = StageDir(cfg.run, round_, "batches" + variant)
     cliques = schema.check_columns(cliques_dir.read_table(), schema.CLIQUES, "cliques", str(cliques_dir))
     batches = schema.check_columns(batches_dir.read_table(), schema.BATCHES, "batches", str(batches_dir))
     if cliques.num_rows == 0 or batches.num_rows == 0:
@@ -171,7 +172,7 @@ def train_func(config: dict) -> dict:
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_task)))
 
     loaded_at = time.time()
-    data = load_training_data(cfg, round_, seed)
+    data = load_training_data(cfg, round_, seed, config.get("variant", ""))
     load_s = time.time() - loaded_at
     num_classes = data.sampler.num_classes
     model = build_model(cfg.train.model, num_classes, cfg.train.input_size, 1 if cfg.train.grey else 3)
@@ -274,8 +275,11 @@ def _train_storage(out: StageDir, name: str) -> tuple[str, Optional[object], str
     return storage.resolve(root)[1], None, storage.join(root, name)
 
 
-def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # noqa: A002 (stage signature)
+def run(cfg: PipelineConfig, round: int = 0, force: bool = False, variant: str = "") -> dict:  # noqa: A002
     """Train the CNN of round ``round`` and commit ``model.pt`` (state_dict + model config).
+
+    ``variant`` names another set of training classes (e.g. "_nncnn" reads cliques_nncnn / batches_nncnn and
+    writes model_nncnn, for baselines); a variant never starts from an earlier round's weights.
 
     Returns run_stage's record; its ``stats`` hold steps, final_loss, losses ([step, mean loss] per
     ``train.log_every`` steps), images_per_s, train_seconds, resumed_from_checkpoint / resumed_from_step.
@@ -287,14 +291,14 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
 
     # Workers do not share the driver's working directory: give them an absolute run path.
     cfg = dataclasses.replace(cfg, run=absolute_uri(cfg.run))
-    out = StageDir(cfg.run, round, "model")
+    out = StageDir(cfg.run, round, "model" + variant)
     inputs = {
         "frames": StageDir(cfg.run, 0, "frames").fingerprint(),
-        "cliques": StageDir(cfg.run, round, "cliques").fingerprint(),
-        "batches": StageDir(cfg.run, round, "batches").fingerprint(),
+        "cliques": StageDir(cfg.run, round, "cliques" + variant).fingerprint(),
+        "batches": StageDir(cfg.run, round, "batches" + variant).fingerprint(),
     }
     init_model = None
-    if round > 0:
+    if round > 0 and not variant:
         previous = StageDir(cfg.run, round - 1, "model")
         inputs["previous_model"] = previous.fingerprint()
         init_model = previous.file(MODEL_FILE)
@@ -311,7 +315,7 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
         started = time.time()
         trainer = TorchTrainer(
             train_func,
-            train_loop_config={"cfg": cfg, "round": round, "init_model": init_model,
+            train_loop_config={"cfg": cfg, "round": round, "init_model": init_model, "variant": variant,
                                "marker": storage.join(train_uri, "_injected_failure.json")},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.train.num_workers,
@@ -336,7 +340,7 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
         if state["step"] != cfg.train.steps:
             raise RuntimeError(f"{out}: last checkpoint is at step {state['step']}, expected {cfg.train.steps}")
         stats = dict(result.return_value or {})
-        clique_ids = _clique_ids(cfg, round)
+        clique_ids = _clique_ids(cfg, round, variant)
         meta = model_meta(cfg, len(clique_ids), clique_ids)
         model = build_model(meta["name"], meta["num_classes"], meta["input_size"], meta["in_channels"])
         model.load_state_dict(state["model"])
@@ -357,6 +361,6 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
     return record
 
 
-def _clique_ids(cfg: PipelineConfig, round_: int) -> np.ndarray:
-    table = StageDir(cfg.run, round_, "cliques").read_table(columns=[schema.CLIQUE_ID])
+def _clique_ids(cfg: PipelineConfig, round_: int, variant: str = "") -> np.ndarray:
+    table = StageDir(cfg.run, round_, "cliques" + variant).read_table(columns=[schema.CLIQUE_ID])
     return np.sort(table.column(schema.CLIQUE_ID).to_numpy()).astype(np.int32)

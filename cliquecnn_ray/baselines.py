@@ -1,0 +1,169 @@
+"""Baselines on the same protocol (paper Sect. 3.1, DESIGN §9): raw pixels, HOG, HOG-LDA (± LTP where the
+frames form videos), a randomly initialised CNN, NN-CNN (each exemplar and its 10 HOG-LDA nearest
+neighbours as one class, same network and training budget), and the full method without LTP.
+
+Each baseline is ordinary stages under other names (``features_raw``, ``cliques_nncnn``, ``model_random``,
+…), so they commit, resume and evaluate like the method itself. ``run`` writes ``<run>/baselines.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from . import schema, storage
+from .config import PipelineConfig
+from .pipeline import prepare_labels, resolve_builtin_data, stage_runner
+from .rundir import StageDir, run_stage
+
+log = logging.getLogger("cliquecnn")
+
+NN_CNN_NEIGHBOURS = 10  # paper Sect. 3.1: the exemplar plus its 10 nearest HOG-LDA neighbours
+
+
+def nn_cnn_classes(
+    frame_ids: np.ndarray, nn_ids: list, categories: np.ndarray, per_category: int, seed: int
+) -> list[tuple[str, list[int]]]:
+    """NN-CNN's classes: per category, ``per_category`` exemplars drawn from the data (seeded, never from
+    labels), each with its NN_CNN_NEIGHBOURS nearest neighbours. Returns [(category, frame ids)]."""
+    rng = np.random.default_rng(seed)
+    classes = []
+    for cat in sorted(set(categories.tolist())):
+        rows = np.flatnonzero(categories == cat)
+        chosen = rng.choice(rows, size=min(per_category, len(rows)), replace=False)
+        for row in sorted(chosen):
+            members = [int(frame_ids[row])] + [int(j) for j in nn_ids[row][:NN_CNN_NEIGHBOURS]]
+            classes.append((cat, members))
+    return classes
+
+
+def random_batches(num_classes_by_category: dict[str, np.ndarray], batches: int, r: int, seed: int):
+    """Batches of r distinct classes drawn at random per category: [(category, class ids)]."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for cat, ids in sorted(num_classes_by_category.items()):
+        size = min(r, len(ids))
+        out.extend((cat, sorted(rng.choice(ids, size=size, replace=False).tolist())) for _ in range(batches))
+    return out
+
+
+def _commit_nn_cnn(cfg: PipelineConfig, force: bool) -> None:
+    neighbours = StageDir(cfg.run, 0, "neighbours")
+    frames = StageDir(cfg.run, 0, "frames")
+    inputs = {"neighbours": neighbours.fingerprint(), "frames": frames.fingerprint()}
+    settings = {"per_category": cfg.cliques.num_cliques, "batches": cfg.batches.num_batches,
+                "r": cfg.batches.cliques_per_batch, "seed": cfg.seed}
+
+    table = neighbours.read_table(columns=[schema.FRAME_ID, schema.NN_IDS]).sort_by(schema.FRAME_ID)
+    cats = frames.read_table(columns=[schema.FRAME_ID, schema.CATEGORY]).sort_by(schema.FRAME_ID)
+    lookup = dict(zip(cats.column(schema.FRAME_ID).to_pylist(), cats.column(schema.CATEGORY).to_pylist()))
+    frame_ids = table.column(schema.FRAME_ID).to_numpy()
+    categories = np.asarray([lookup[int(f)] for f in frame_ids])
+    classes = nn_cnn_classes(frame_ids, table.column(schema.NN_IDS).to_pylist(), categories,
+                             cfg.cliques.num_cliques, cfg.seed)
+    cliques = pa.table(
+        {
+            schema.CLIQUE_ID: pa.array(np.arange(len(classes), dtype=np.int32)),
+            schema.CATEGORY: [c for c, _ in classes],
+            schema.FRAME_IDS: pa.array([m for _, m in classes], pa.list_(pa.int64())),
+            schema.COMPACTNESS: pa.array(np.full(len(classes), np.nan, np.float32)),
+        },
+        schema=schema.CLIQUES,
+    )
+    by_category: dict[str, list] = {}
+    for i, (cat, _) in enumerate(classes):
+        by_category.setdefault(cat, []).append(i)
+    drawn = random_batches({c: np.asarray(v) for c, v in by_category.items()}, cfg.batches.num_batches,
+                           cfg.batches.cliques_per_batch, cfg.seed)
+    batches = pa.table(
+        {
+            schema.BATCH_ID: pa.array(np.arange(len(drawn), dtype=np.int32)),
+            schema.CATEGORY: [c for c, _ in drawn],
+            schema.CLIQUE_IDS: pa.array([ids for _, ids in drawn], pa.list_(pa.int32())),
+        },
+        schema=schema.BATCHES,
+    )
+    for name, tbl in (("cliques_nncnn", cliques), ("batches_nncnn", batches)):
+        run_stage(StageDir(cfg.run, 0, name), settings, inputs,
+                  lambda attempt, tbl=tbl: _write(tbl, attempt), force=force)
+
+
+def _write(table: pa.Table, attempt_uri: str) -> dict:
+    storage.write_parquet(table, storage.join(attempt_uri, "part-00000.parquet"))
+    return {"rows": table.num_rows}
+
+
+def _commit_random_model(cfg: PipelineConfig, force: bool) -> None:
+    """A network with its random initial weights (same seed as round 0's), as a committed model."""
+    import torch
+
+    from .model import build_model, save_model_bytes
+    from .stages.train import MODEL_FILE, model_meta
+
+    def compute(attempt_uri: str) -> dict:
+        torch.manual_seed(cfg.seed)
+        k = max(2, cfg.cliques.num_cliques)
+        meta = model_meta(cfg, k, np.arange(k, dtype=np.int32))
+        model = build_model(meta["name"], meta["num_classes"], meta["input_size"], meta["in_channels"])
+        storage.write_bytes(storage.join(attempt_uri, MODEL_FILE), save_model_bytes(model, meta))
+        return {"rows": k}
+
+    run_stage(StageDir(cfg.run, 0, "model_random"), {"train": dataclasses.asdict(cfg.train), "seed": cfg.seed},
+              {"frames": StageDir(cfg.run, 0, "frames").fingerprint()}, compute, force=force)
+
+
+def _has_videos(cfg: PipelineConfig) -> bool:
+    vids = StageDir(cfg.run, 0, "frames").read_table(columns=[schema.VIDEO_ID]).column(schema.VIDEO_ID)
+    return len(set(vids.to_pylist())) < len(vids)
+
+
+def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
+    """Run (or resume) every baseline and the method's rounds' evaluations; print and return the table."""
+    from .evaluate import format_metrics_table
+
+    cfg = resolve_builtin_data(cfg)
+    evaluate, features, impute = stage_runner("evaluate"), stage_runner("features"), stage_runner("impute")
+    stage_runner("ingest")(cfg, round=0, force=force)
+    cfg = prepare_labels(cfg)
+    if not cfg.evaluate.labels:
+        raise ValueError("baselines need labels: set evaluate.labels (a labels table) in the config")
+    videos = _has_videos(cfg)
+    ltp = cfg.impute.ltp_p if cfg.impute.ltp_p > 0 else 3
+    results: dict[str, dict] = {}
+
+    def measure(name: str, round_: int, stage: str, ltp_p: int = 0) -> None:
+        out = f"evaluate_{name.replace(' ', '_').replace('+', 'plus_').replace('-', '_')}"
+        record = evaluate(cfg, round=round_, force=force, features_stage=stage, out_stage=out, ltp_p=ltp_p)
+        results[name] = {k: record["stats"].get(k) for k in ("auc", "auc_mean_roc", "knn", "map")}
+
+    stage_runner("features")(cfg, round=0, force=force)
+    for kind in ("raw", "hog"):
+        features(cfg, round=0, force=force, kind=kind, stage=f"features_{kind}")
+        measure(kind, 0, f"features_{kind}")
+        if videos:
+            measure(f"{kind} + LTP", 0, f"features_{kind}", ltp_p=ltp)
+    measure("hog-lda", 0, "features")
+    if videos:
+        measure("hog-lda + LTP", 0, "features", ltp_p=ltp)
+
+    _commit_random_model(cfg, force)
+    impute(cfg, round=0, force=force, model_stage="model_random", out_stage="features_random")
+    measure("random cnn", 1, "features_random")
+
+    stage_runner("neighbours")(cfg, round=0, force=force)
+    _commit_nn_cnn(cfg, force)
+    same_budget = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=cfg.train.steps * cfg.rounds))
+    stage_runner("train")(same_budget, round=0, force=force, variant="_nncnn")
+    impute(cfg, round=0, force=force, model_stage="model_nncnn", out_stage="features_nncnn")
+    measure("nn-cnn", 1, "features_nncnn")
+
+    final = StageDir(cfg.run, cfg.rounds - 1, "model")
+    if videos and cfg.rounds > 0 and final.record():
+        impute(cfg, round=cfg.rounds - 1, force=force, out_stage="features_noltp", ltp_p=0)
+        measure("full method without LTP", cfg.rounds, "features_noltp")
+
+    storage.write_json(storage.join(cfg.run, "baselines.json"), results)
+    print(format_metrics_table(results))
+    return results
