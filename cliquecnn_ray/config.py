@@ -80,14 +80,16 @@ class CliquesConfig:
 
 @dataclass(frozen=True)
 class BatchesConfig:
-    num_batches: int = 100  # B, paper Sect. 3.1
+    num_batches: int = 100  # B per category, paper Sect. 3.1
     cliques_per_batch: int = 20  # r, paper Sect. 3.1
     p: float = 0.0625  # p = 1/16 approximates a step function (paper Sect. 2.3)
-    lambda1: float = 1.0  # per-batch coverage weight, relative to its size at a random feasible X
-    lambda2: float = 1.0  # total coverage weight, relative to its size at a random feasible X
-    lambda3: float = 1.0  # binariness push ||X − 0.5||², relative to its size at a random feasible X
-    solver: str = "fast"  # "fast" (first-order, torch) at scale; "exact" (cvxpy + Clarabel) for small problems
-    cccp_iters: int = 30  # CCCP outer iterations; converges in far fewer on the demo
+    lambda1: float = 1.0  # per-batch coverage, relative to the S' term (both scaled by their size at random X)
+    lambda2: float = 4.0  # total coverage: the relaxation credits unused cliques ~65% (0.001^p), so weigh it up
+    lambda3: float = 2.0  # push to binary; 1 = where binary X becomes stable for any K/r (batches.make_problem)
+    lambda3_start: float = 0.0625  # continuation: λ3 doubles from here each CCCP step, so X is arranged while soft
+    solver: str = "fast"  # "fast" (torch, diagonally scaled projected gradient); "exact" (cvxpy + Clarabel)
+    cccp_iters: int = 30  # CCCP outer iterations; the paper-scale instance converges in ~10
+    cccp_tol: float = 1e-4  # stop when f changes by less than this (relative) once λ3 is at its value
     restarts: int = 4  # independent random starts, solved as parallel Ray tasks; best objective wins
     seed: int = 0  # seeds the restarts: same seed, same batches
 
