@@ -1,6 +1,7 @@
 """Connecting to Ray, quietly: a cluster when one is named, an embedded local Ray otherwise."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -56,7 +57,11 @@ def tame_ray_data() -> None:
 def worker_env() -> dict:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env.update(QUIET_ENV)
-    return env
+    # Under `ray job submit --runtime-env-json '{"env_vars": …}'` the job already gives its workers these;
+    # naming a key twice makes ray.init refuse to merge the two runtime envs, so leave those to the job.
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    job_vars = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in env.items() if k not in job_vars}
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
@@ -69,6 +74,10 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     if ray.is_initialized():
         tame_ray_data()
         return
+    # Load libtorch before connecting: job drivers (`ray job submit`) that first imported torch after a
+    # Ray Data stage mostly died with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so" (cause not
+    # pinned down; importing it first ended it). Every stage but ingest needs torch anyway.
+    import torch  # noqa: F401
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": worker_env()}
     if address:
