@@ -3,7 +3,7 @@
 Each node is its own raylet (its own node id, object store and workers) joined to one GCS, exactly as on
 a cloud cluster, only on one host. The cluster lives in a private temp dir and on free ports, so it never
 collides with the embedded Ray of the test session, and nobody's ``ray.init()`` joins it by accident (the
-address file is written to that temp dir, not to /tmp/ray). Stopping kills only the processes it started.
+address file is written to that temp dir, not to Ray's default temp dir). Stopping kills only the processes it started.
 """
 from __future__ import annotations
 
