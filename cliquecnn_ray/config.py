@@ -76,6 +76,7 @@ class CliquesConfig:
     max_seeds: int = 0  # 0 = every frame of a category seeds a clique (paper); >0 a seeded random subset
     max_size: int = 40  # merged cliques stay ≤ 2·target_size: overlaps merge, chains do not grow into classes
     max_covered: float = 0.5  # selection skips a clique whose frames are mostly in already chosen ones
+    selection: str = "spread"  # one clique per k-means group of clique means, so K cliques cover all the data; "compact"
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,51 @@ def test_selection_prefers_coverage():
     assert C.select_cliques(cliques, comp, num_cliques=2, min_size=4, max_covered=1.0).tolist() == [0, 1]
 
 
+def test_spherical_kmeans_recovers_separated_groups_and_is_seeded():
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8)
+    x = np.concatenate([c + 0.05 * rng.standard_normal((30, 8)) for c in centres])
+    groups = C.spherical_kmeans(x, 3, seed=1)
+    truth = np.repeat(np.arange(3), 30)
+    assert len(np.unique(groups)) == 3
+    assert all(len(np.unique(groups[truth == t])) == 1 for t in range(3))  # each true group is one group
+    assert np.array_equal(groups, C.spherical_kmeans(x, 3, seed=1))
+    assert len(C.spherical_kmeans(x[:2], 5)) == 2  # k > n: at most n groups
+
+
+def test_spread_selection_covers_the_sparse_mode_that_compact_misses():
+    # 12 tight cliques in one direction of feature space, 12 looser ones in another: the K most compact
+    # are all from the dense mode; spread selection takes cliques from both.
+    rng = np.random.default_rng(0)
+    feats, cliques, comp = [], [], []
+    for mode, noise in ((0, 0.05), (1, 0.6)):
+        for _ in range(12):
+            centre = np.eye(2, 16)[mode] + 0.3 * rng.standard_normal(16)
+            block = centre + noise * rng.standard_normal((6, 16))
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+            cliques.append(np.arange(6 * len(feats), 6 * len(feats) + 6))
+            comp.append(C.compactness(block))
+            feats.append(block)
+    feats, comp = np.concatenate(feats), np.asarray(comp)
+    mode_of = np.repeat([0, 1], 12)
+    compact = C.select_cliques(cliques, comp, num_cliques=6, min_size=4)
+    assert set(mode_of[compact].tolist()) == {0}
+    groups = C.spread_groups(cliques, feats, num_groups=6, min_size=4, seed=0)
+    spread = C.select_cliques(cliques, comp, num_cliques=6, min_size=4, groups=groups)
+    assert len(spread) == 6 and set(mode_of[spread].tolist()) == {0, 1}
+    assert len(set(groups[spread].tolist())) == 6  # one clique per group
+    # within its group, the chosen clique is the most compact one
+    for i in spread:
+        assert comp[i] == comp[groups == groups[i]].max()
+
+
+def test_unknown_selection_rule_is_named():
+    feats = np.eye(6, 4)[[0, 0, 0, 0, 1, 1]].astype(np.float32)
+    nn = np.array([[j for j in range(6) if j != i] for i in range(6)])
+    with pytest.raises(ValueError, match="cliques.selection: unknown rule 'best'"):
+        C.build_cliques(nn, feats, np.arange(6), CliquesConfig(selection="best", min_size=2))
+
+
 def test_no_clique_of_min_size_is_a_clear_error():
     feats = angles([0, 90, 180, 270])  # mutually dissimilar: every seed clique is a single frame
     nn = knn(feats, 3)

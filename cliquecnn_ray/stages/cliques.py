@@ -252,9 +252,9 @@ def _seed_task(seeds, nn, features, video, cliques_cfg):
     return _pack(C.seed_cliques(seeds, nn, features, video, cliques_cfg))
 
 
-def _finish_task(features, video, cliques_cfg, category, *packed):
+def _finish_task(features, video, cliques_cfg, category, seed, *packed):
     seed_cliques = [c for flat, offsets in packed for c in _unpack(flat, offsets)]
-    cliques, comp, sim = C.finish_category(seed_cliques, features, video, cliques_cfg, category)
+    cliques, comp, sim = C.finish_category(seed_cliques, features, video, cliques_cfg, category, seed)
     stats = C.category_stats(cliques, comp, video)
     stats["seed_cliques"] = len(seed_cliques)
     return _pack(cliques), comp, sim, stats
@@ -296,7 +296,7 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
                 seed_task.remote(arrays["seeds"][i : i + step], nn_ref, feats_ref, video_ref, cfg.cliques)
                 for i in range(0, len(arrays["seeds"]), step)
             ]
-            pending.append((cat, arrays["frames"], finish_task.remote(feats_ref, video_ref, cfg.cliques, cat, *chunks)))
+            pending.append((cat, arrays["frames"], finish_task.remote(feats_ref, video_ref, cfg.cliques, cat, cfg.seed, *chunks)))
             log.info("cliques: category %r: %d frames, %d seeds in %d tasks",
                      cat, len(arrays["frames"]), len(arrays["seeds"]), len(chunks))
 
