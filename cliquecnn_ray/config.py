@@ -99,7 +99,7 @@ class BatchesConfig:
 class TrainConfig:
     model: str = "alexnet_small"  # AlexNet-style from scratch (paper); any torchvision classifier by name
     input_size: int = 64  # network input in pixels; 64 keeps CPU training affordable
-    feature_layer: str = "fc7"  # paper Sect. 3.1 measures similarities on fc7
+    feature_layer: str = "fc7"  # paper Sect. 3.1 measures similarities on fc7; also fc6, pool5 or a module name
     images_per_step: int = 128  # M, paper Sect. 3.1
     steps: int = 300  # SGD steps per round; the paper's 1e5 is a GPU budget
     optimizer: str = "adagrad"  # paper: AdaGrad, lr 0.001; "sgd" uses momentum (Eq. 8)

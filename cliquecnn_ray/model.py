@@ -136,19 +136,23 @@ def head_name(model: nn.Module) -> str:
     return linears[-1][0]
 
 
+FEATURE_LAYERS = {"fc7": 1, "fc6": 2, "pool5": 3}  # layer → which Linear from the end takes it as input
+
+
 def _feature_module(model: nn.Module, layer: str) -> tuple[nn.Module, bool]:
     """(module, take_input): fc7 = the input of the last Linear (the head), fc6 = the input of the one
-    before; any other name is a module whose output is taken."""
+    before, pool5 = the input of fc6 (the flattened last pooled convolution map, as AlexNet's pool5);
+    any other name is a module whose output is taken."""
     net = unwrap(model)
-    if layer in ("fc7", "fc6"):
+    if layer in FEATURE_LAYERS:
         linears = _linears(net)
-        k = 1 if layer == "fc7" else 2
+        k = FEATURE_LAYERS[layer]
         if len(linears) < k:
             raise ValueError(f"feature layer '{layer}': the model has only {len(linears)} linear layer(s)")
         return linears[-k][1], True
     modules = dict(net.named_modules())
     if layer not in modules:
-        raise ValueError(f"feature layer '{layer}' is not fc6, fc7 or a module of the model")
+        raise ValueError(f"feature layer '{layer}' is not pool5, fc6, fc7 or a module of the model")
     return modules[layer], False
 
 
@@ -184,7 +188,8 @@ def extract_features(
         model: a network from ``build_model`` (DDP-wrapped or not).
         images: uint8 (N, H, W) / (N, H, W, 3) array or tensor, or float (N, C, H, W) in [0, 1].
         layer: "fc7" (paper Sect. 3.1: the input of the head, i.e. the penultimate layer, after ReLU),
-            "fc6" (the layer before), or the name of any module of the network (its output, flattened).
+            "fc6" (the layer before), "pool5" (the input of fc6: the last convolution map, pooled and
+            flattened), or the name of any module of the network (its output, flattened).
         amp: bf16 autocast (on GPU).
 
     Returns:

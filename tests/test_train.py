@@ -103,9 +103,14 @@ def test_build_model_and_features():
     fc6 = M.extract_features(net, images, "fc6")
     assert fc7.shape == (5, M.FC_DIM) and fc6.shape == (5, M.FC_DIM) and (fc7 >= 0).all()  # post-ReLU
     assert net.training  # extract_features runs in eval mode and restores the mode it found
-    # fc7 is exactly what the head sees.
+    # fc7 is exactly what the head sees; pool5 is the flattened convolution map that fc6 takes.
     net.eval()
     assert torch.allclose(net.head(fc7), net(M.to_input(images)), atol=1e-5)
+    pool5 = M.extract_features(net, images, "pool5")
+    assert torch.allclose(pool5, net.features(M.to_input(images)), atol=1e-6) and pool5.shape == (5, 128 * 16)
+    assert torch.allclose(torch.relu(net.fc6(pool5)), fc6, atol=1e-5)
+    with pytest.raises(ValueError, match="'pool9' is not pool5, fc6, fc7"):
+        M.extract_features(net, images, "pool9")
     rgb = M.build_model("resnet18", num_classes=3, input_size=32, in_channels=3)
     feats = M.extract_features(rgb, np.zeros((2, 32, 32, 3), np.uint8) + 100)
     assert feats.shape == (2, 512) and M.head_name(rgb).endswith("fc")
