@@ -104,6 +104,7 @@ class TrainConfig:
     steps: int = 300  # SGD steps per round; the paper's 1e5 is a GPU budget
     optimizer: str = "adagrad"  # paper: AdaGrad, lr 0.001; "sgd" uses momentum (Eq. 8)
     lr: float = 0.001  # paper Sect. 3.1; 0.01 from scratch spiked the loss 1.4 → 28 in the first steps
+    lr_round_decay: float = 1.0  # round r trains at lr · decay^r: a new round's optimiser starts afresh on trained weights
     momentum: float = 0.9  # μ of Eq. 8 when optimizer = "sgd"
     weight_decay: float = 5e-4  # λ r(W) of Eq. 7
     num_workers: int = 1  # Ray Train workers (DDP); raise on a cluster

@@ -253,6 +253,8 @@ def test_second_round_starts_from_the_previous_weights_on_two_ddp_workers(traine
     record = stage.run(tiny_cfg(run, "train.lr=0.0", "train.steps=2", "train.num_workers=2"), 1)
     stats = record["stats"]
     assert stats["world_size"] == 2 and stats["steps"] == 2 and np.isfinite(stats["final_loss"])
+    assert stats["lr"] == 0.0
+    assert stage.round_lr(tiny_cfg(run, "train.lr=0.01", "train.lr_round_decay=0.5"), 2) == pytest.approx(0.0025)
     assert record["inputs"]["previous_model"] == StageDir(run, 0, "model").fingerprint()
     assert stats["initialised_from"].endswith("model.pt") and stats["initialised_tensors"] > 0
     first, _ = _load_state(run, 0)

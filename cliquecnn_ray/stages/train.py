@@ -140,6 +140,13 @@ def model_meta(cfg: PipelineConfig, num_classes: int, clique_ids: np.ndarray) ->
     }
 
 
+def round_lr(cfg: PipelineConfig, round_: int) -> float:
+    """The learning rate of round ``round_``: lr · lr_round_decay^round. Each round builds a new optimiser
+    (AdaGrad's accumulators start at zero, so its first steps are the largest) on the previous round's
+    weights; a decay keeps those steps from undoing what the earlier rounds learned."""
+    return cfg.train.lr * cfg.train.lr_round_decay ** round_
+
+
 def augment_params(cfg: PipelineConfig) -> Optional[AugmentParams]:
     t = cfg.train
     if not t.augment:
@@ -190,7 +197,7 @@ def train_func(config: dict) -> dict:
         init_info = load_backbone(model, previous.state_dict())
 
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP (gloo / NCCL) when world > 1
-    optimizer = make_optimizer(model.parameters(), cfg.train.optimizer, cfg.train.lr,
+    optimizer = make_optimizer(model.parameters(), cfg.train.optimizer, round_lr(cfg, round_),
                                cfg.train.momentum, cfg.train.weight_decay)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -219,6 +226,7 @@ def train_func(config: dict) -> dict:
     done = steps - start_step
     return {
         "steps": steps,
+        "lr": round_lr(cfg, round_),
         "steps_this_attempt": done,
         "world_size": world,
         "final_loss": float(np.mean(history[-max(1, cfg.train.log_every):])) if history else None,
