@@ -105,6 +105,8 @@ class TrainConfig:
     optimizer: str = "adagrad"  # paper: AdaGrad, lr 0.001; "sgd" uses momentum (Eq. 8)
     lr: float = 0.001  # paper Sect. 3.1; 0.01 from scratch spiked the loss 1.4 → 28 in the first steps
     lr_round_decay: float = 1.0  # round r trains at lr · decay^r: a new round's optimiser starts afresh on trained weights
+    head_warmup_steps: int = 100  # of `steps`, head-only when starting from a previous round (its new head is random)
+    head_warmup_lr: float = 0.005  # the head's lr during those steps: a random head must catch up with a trained backbone
     momentum: float = 0.9  # μ of Eq. 8 when optimizer = "sgd"
     weight_decay: float = 5e-4  # λ r(W) of Eq. 7
     num_workers: int = 1  # Ray Train workers (DDP); raise on a cluster

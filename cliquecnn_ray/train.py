@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import head_name, unwrap
+
 ADAGRAD_EPS = 1e-4  # paper Sect. 3.1: AdaGrad "smoothing term of 0.0001"
 
 
@@ -211,6 +213,27 @@ def make_optimizer(params, optimizer: str, lr: float, momentum: float = 0.9, wei
     raise ValueError(f"train.optimizer: unknown optimizer '{optimizer}' (adagrad or sgd)")
 
 
+@dataclass(frozen=True)
+class HeadWarmup:
+    """A round that starts from trained weights first trains only its new, randomly initialised head: the
+    first ``steps`` steps update the optimiser's param group 1 (the head) at ``lr`` and leave group 0 (the
+    backbone) untouched; then both groups train at ``base_lr``. Without it the random head's gradients
+    scramble the backbone: on Fashion-MNIST round 2, pool5 AUC fell 0.870 → 0.831 in 200 steps; after
+    100 head-only steps it rose to 0.877."""
+
+    steps: int
+    lr: float
+    base_lr: float
+
+
+def head_param_groups(model: nn.Module) -> list[dict]:
+    """[{"params": backbone}, {"params": head}] for ``make_optimizer`` (the head is the last nn.Linear)."""
+    net = unwrap(model)
+    head = set(id(p) for p in net.get_submodule(head_name(net)).parameters())
+    params = list(model.parameters())  # the (possibly DDP-wrapped) model's own parameter objects
+    return [{"params": [p for p in params if id(p) not in head]}, {"params": [p for p in params if id(p) in head]}]
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -218,11 +241,14 @@ def train_step(
     targets: torch.Tensor,
     batch_cliques: torch.Tensor,
     amp: bool = False,
+    frozen: Sequence[torch.nn.Parameter] = (),
 ) -> float:
     """One SGD step on the masked loss. ``amp``: bf16 autocast (GPU; no loss scaling needed for bf16).
 
     Args:
         images: (M, C, H, W) float, on the model's device; targets: (M,); batch_cliques: (r,).
+        frozen: parameters this step leaves as they are (their gradients are dropped after backward, so
+            the optimiser skips them: no update, no weight decay, no AdaGrad accumulation).
 
     Returns:
         the loss before the update.
@@ -233,6 +259,8 @@ def train_step(
         logits = model(images)
     loss = masked_cross_entropy(logits, targets, batch_cliques)
     loss.backward()
+    for p in frozen:
+        p.grad = None
     optimizer.step()
     return float(loss.detach())
 
@@ -248,6 +276,7 @@ def run_steps(
     world_size: int = 1,
     augment_params: Optional[AugmentParams] = AugmentParams(),
     amp: bool = False,
+    head_warmup: Optional[HeadWarmup] = None,
 ) -> list[float]:
     """Steps ``start .. stop−1``: draw (sampler), augment, step; every random choice of step t is seeded
     by (sampler seed, t, rank), so the steps are reproducible one by one.
@@ -256,6 +285,7 @@ def run_steps(
         images: (F, C, H, W) uint8 tensor of the frames the sampler's rows index (kept on CPU or on the
             device; each step moves only its M images).
         augment_params: None turns augmentation off.
+        head_warmup: head-only first steps (the optimiser must have ``head_param_groups``' two groups).
 
     Returns:
         the loss of each step.
@@ -271,8 +301,15 @@ def run_steps(
         if augment_params is not None:
             gen = torch.Generator().manual_seed(derive_seed(sampler.seed, step, rank, 7))
             x = augment(x, gen, augment_params)  # parameters drawn on the CPU, warp done on the device
+        frozen: Sequence[torch.nn.Parameter] = ()
+        if head_warmup is not None:
+            warming = step < head_warmup.steps
+            optimizer.param_groups[0]["lr"] = head_warmup.base_lr
+            optimizer.param_groups[1]["lr"] = head_warmup.lr if warming else head_warmup.base_lr
+            frozen = optimizer.param_groups[0]["params"] if warming else ()
         losses.append(
-            train_step(model, optimizer, x, torch.from_numpy(targets), torch.from_numpy(batch_cliques), amp=amp)
+            train_step(model, optimizer, x, torch.from_numpy(targets), torch.from_numpy(batch_cliques), amp=amp,
+                       frozen=frozen)
         )
     return losses
 

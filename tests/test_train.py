@@ -149,6 +149,31 @@ def test_a_few_steps_on_a_planted_task_reduce_the_loss(one_thread):
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
 
 
+def test_head_warmup_moves_only_the_head_first(one_thread):
+    images, labels = class_images(n_classes=4, per_class=12, size=16, seed=0)
+    rows = [np.flatnonzero(labels == c) for c in range(4)]
+    sampler = T.CliqueBatchSampler(np.array([[0, 1, 2, 3]]), rows, images_per_step=16, seed=0)
+    torch.manual_seed(0)
+    net = M.build_model("alexnet_small", 4, 16, 1)
+    groups = T.head_param_groups(net)
+    assert [len(g["params"]) for g in groups] == [len(list(net.parameters())) - 2, 2]  # head weight + bias
+    opt = T.make_optimizer(groups, "adagrad", lr=0.001, weight_decay=5e-4)
+    warm = T.HeadWarmup(steps=3, lr=0.01, base_lr=0.001)
+    x = torch.from_numpy(images)[:, None]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    T.run_steps(net, opt, x, sampler, 0, 3, head_warmup=warm)
+    after = net.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {"head.weight", "head.bias"} <= moved
+    # no backbone weight moved (BatchNorm running statistics do: they are buffers, not trained)
+    assert all(k.startswith("head.") or "running_" in k or "num_batches" in k for k in moved)
+    assert all(opt.state[p]["sum"].abs().sum() == 0 for p in groups[0]["params"] if p in opt.state)
+    assert opt.param_groups[1]["lr"] == 0.01
+    T.run_steps(net, opt, x, sampler, 3, 4, head_warmup=warm)
+    assert not torch.equal(before["features.1.weight"], net.state_dict()["features.1.weight"])
+    assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == 0.001
+
+
 # ---------------------------------------------------------------------------------------------
 # The Ray Train stage
 
@@ -253,7 +278,7 @@ def test_second_round_starts_from_the_previous_weights_on_two_ddp_workers(traine
     record = stage.run(tiny_cfg(run, "train.lr=0.0", "train.steps=2", "train.num_workers=2"), 1)
     stats = record["stats"]
     assert stats["world_size"] == 2 and stats["steps"] == 2 and np.isfinite(stats["final_loss"])
-    assert stats["lr"] == 0.0
+    assert stats["lr"] == 0.0 and stats["head_warmup_steps"] == 2  # min(100, steps)
     assert stage.round_lr(tiny_cfg(run, "train.lr=0.01", "train.lr_round_decay=0.5"), 2) == pytest.approx(0.0025)
     assert record["inputs"]["previous_model"] == StageDir(run, 0, "model").fingerprint()
     assert stats["initialised_from"].endswith("model.pt") and stats["initialised_tensors"] > 0

@@ -34,7 +34,8 @@ from ..config import PipelineConfig, config_hash, to_dict
 from ..features import decode_images
 from ..model import build_model, load_backbone, load_model_bytes, save_model_bytes, unwrap
 from ..rundir import StageDir, run_stage
-from ..train import AugmentParams, CliqueBatchSampler, derive_seed, log_windows, make_optimizer, run_steps
+from ..train import (AugmentParams, CliqueBatchSampler, HeadWarmup, derive_seed, head_param_groups, log_windows,
+                     make_optimizer, run_steps)
 
 log = logging.getLogger("cliquecnn")
 
@@ -197,8 +198,11 @@ def train_func(config: dict) -> dict:
         init_info = load_backbone(model, previous.state_dict())
 
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP (gloo / NCCL) when world > 1
-    optimizer = make_optimizer(model.parameters(), cfg.train.optimizer, round_lr(cfg, round_),
+    lr = round_lr(cfg, round_)
+    optimizer = make_optimizer(head_param_groups(model), cfg.train.optimizer, lr,
                                cfg.train.momentum, cfg.train.weight_decay)
+    # Only a round that starts from trained weights has a backbone worth protecting from its random head.
+    warm = HeadWarmup(cfg.train.head_warmup_steps, cfg.train.head_warmup_lr, lr) if config.get("init_model") else None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     images = data.images.to(device)
@@ -215,7 +219,7 @@ def train_func(config: dict) -> dict:
         if inject and step <= fail_at < stop:
             stop = fail_at
         t0 = time.time()
-        history += run_steps(model, optimizer, images, data.sampler, step, stop, rank, world, aug, amp)
+        history += run_steps(model, optimizer, images, data.sampler, step, stop, rank, world, aug, amp, warm)
         train_s += time.time() - t0
         step = stop
         if inject and step == fail_at:
@@ -226,7 +230,8 @@ def train_func(config: dict) -> dict:
     done = steps - start_step
     return {
         "steps": steps,
-        "lr": round_lr(cfg, round_),
+        "lr": lr,
+        "head_warmup_steps": min(warm.steps, steps) if warm else 0,
         "steps_this_attempt": done,
         "world_size": world,
         "final_loss": float(np.mean(history[-max(1, cfg.train.log_every):])) if history else None,
