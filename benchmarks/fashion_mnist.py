@@ -65,7 +65,10 @@ def main() -> None:
         "stage_seconds": stage_seconds,
         "total_s": round(time.time() - started, 1),
         "config": {"rounds": cfg.rounds, "train_steps": cfg.train.steps, "num_cliques": cfg.cliques.num_cliques,
-                   "batches": cfg.batches.num_batches, "r": cfg.batches.cliques_per_batch},
+                   "batches": cfg.batches.num_batches, "r": cfg.batches.cliques_per_batch,
+                   "selection": cfg.cliques.selection, "feature_layer": cfg.train.feature_layer,
+                   "lr": cfg.train.lr, "lr_round_decay": cfg.train.lr_round_decay,
+                   "head_warmup_steps": cfg.train.head_warmup_steps, "head_warmup_lr": cfg.train.head_warmup_lr},
     }
     for r in range(cfg.rounds):
         stats = StageDir(cfg.run, r, "batches").record()["stats"]
