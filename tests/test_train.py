@@ -137,29 +137,29 @@ def test_model_file_round_trip_and_backbone_loading():
     assert not torch.equal(d.head.weight, a.head.weight)
 
 
-def test_a_few_steps_on_a_planted_task_reduce_the_loss(one_thread):
+def planted_task() -> tuple[torch.Tensor, T.CliqueBatchSampler, torch.nn.Module]:
+    """4 cliques of 12 synthetic images (one batch of all 4) and a fresh 16 px network."""
     images, labels = class_images(n_classes=4, per_class=12, size=16, seed=0)
     rows = [np.flatnonzero(labels == c) for c in range(4)]
     sampler = T.CliqueBatchSampler(np.array([[0, 1, 2, 3]]), rows, images_per_step=16, seed=0)
     torch.manual_seed(0)
-    net = M.build_model("alexnet_small", 4, 16, 1)
+    return torch.from_numpy(images)[:, None], sampler, M.build_model("alexnet_small", 4, 16, 1)
+
+
+def test_a_few_steps_on_a_planted_task_reduce_the_loss(one_thread):
+    x, sampler, net = planted_task()
     opt = T.make_optimizer(net.parameters(), "adagrad", lr=0.001)
-    losses = T.run_steps(net, opt, torch.from_numpy(images)[:, None], sampler, 0, 24)
+    losses = T.run_steps(net, opt, x, sampler, 0, 24)
     assert losses[0] == pytest.approx(math.log(4), abs=0.3)  # chance over the r = 4 cliques
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
 
 
 def test_head_warmup_moves_only_the_head_first(one_thread):
-    images, labels = class_images(n_classes=4, per_class=12, size=16, seed=0)
-    rows = [np.flatnonzero(labels == c) for c in range(4)]
-    sampler = T.CliqueBatchSampler(np.array([[0, 1, 2, 3]]), rows, images_per_step=16, seed=0)
-    torch.manual_seed(0)
-    net = M.build_model("alexnet_small", 4, 16, 1)
+    x, sampler, net = planted_task()
     groups = T.head_param_groups(net)
     assert [len(g["params"]) for g in groups] == [len(list(net.parameters())) - 2, 2]  # head weight + bias
     opt = T.make_optimizer(groups, "adagrad", lr=0.001, weight_decay=5e-4)
     warm = T.HeadWarmup(steps=3, lr=0.01, base_lr=0.001)
-    x = torch.from_numpy(images)[:, None]
     before = {k: v.clone() for k, v in net.state_dict().items()}
     T.run_steps(net, opt, x, sampler, 0, 3, head_warmup=warm)
     after = net.state_dict()
