@@ -101,7 +101,9 @@ class TrainConfig:
     input_size: int = 64  # network input in pixels; 64 keeps CPU training affordable
     feature_layer: str = "fc7"  # paper Sect. 3.1 measures similarities on fc7; also fc6, pool5 or a module name
     images_per_step: int = 128  # M, paper Sect. 3.1
+    balance_cliques: bool = True  # M spread evenly over a batch's cliques; False: uniform over their frames
     steps: int = 300  # SGD steps per round; the paper's 1e5 is a GPU budget
+    round_steps: tuple = ()  # steps of round r where listed (e.g. [1200, 400, 400]), `steps` beyond the list
     optimizer: str = "adagrad"  # paper: AdaGrad, lr 0.001; "sgd" uses momentum (Eq. 8)
     lr: float = 0.001  # paper Sect. 3.1; 0.01 from scratch spiked the loss 1.4 → 28 in the first steps
     lr_round_decay: float = 1.0  # round r trains at lr · decay^r: a new round's optimiser starts afresh on trained weights

@@ -32,6 +32,9 @@ class CliqueBatchSampler:
     r cliques (each clique gets ⌊M/r⌋ or ⌈M/r⌉ images, which ones get the extra image is random), and
     within a clique frames are uniform with replacement. Balancing over cliques rather than over frames
     keeps every class of the r-way problem present in every step, whatever the clique sizes.
+    ``balanced=False`` draws the M images uniformly from the frames of the r cliques instead (a frame in
+    two cliques counts twice): an ordinary classifier's SGD over its training list, as the paper's
+    1-sample CNN and NN-CNN baselines are trained.
 
     Stateless: step ``t`` of worker ``rank`` depends only on (seed, t, rank), so a run resumed from a
     checkpoint at step t draws exactly what an uninterrupted run would. All workers of a step share the
@@ -42,9 +45,12 @@ class CliqueBatchSampler:
         clique_rows: K arrays; clique k's frames as rows of the image tensor the caller holds.
         images_per_step: M, split over workers (each draws ⌈M / world_size⌉).
         seed: sampling seed.
+        balanced: spread each step's images evenly over the batch's cliques (True) or uniformly over
+            their frames (False).
     """
 
-    def __init__(self, batches: np.ndarray, clique_rows: Sequence[np.ndarray], images_per_step: int, seed: int = 0):
+    def __init__(self, batches: np.ndarray, clique_rows: Sequence[np.ndarray], images_per_step: int, seed: int = 0,
+                 balanced: bool = True):
         self.batches = np.asarray(batches, dtype=np.int64)
         if self.batches.ndim != 2 or self.batches.shape[0] == 0:
             raise ValueError(f"sampler: batches must be a non-empty (B, r) array, got shape {self.batches.shape}")
@@ -61,6 +67,8 @@ class CliqueBatchSampler:
             raise ValueError(f"sampler: images_per_step must be ≥ 1, got {images_per_step}")
         self.images_per_step = int(images_per_step)
         self.seed = int(seed)
+        self.balanced = bool(balanced)
+        self.clique_sizes = np.asarray([len(rows) for rows in self.clique_rows], dtype=np.float64)
 
     @property
     def num_classes(self) -> int:
@@ -79,8 +87,12 @@ class CliqueBatchSampler:
         rng = np.random.default_rng([self.seed, step, rank + 1])
         r = len(batch_cliques)
         m = -(-self.images_per_step // world_size)
-        slots = np.resize(rng.permutation(r), m)  # ⌊m/r⌋ or ⌈m/r⌉ per clique
-        rng.shuffle(slots)
+        if self.balanced:
+            slots = np.resize(rng.permutation(r), m)  # ⌊m/r⌋ or ⌈m/r⌉ per clique
+            rng.shuffle(slots)
+        else:
+            sizes = self.clique_sizes[batch_cliques]
+            slots = rng.choice(r, size=m, p=sizes / sizes.sum())
         targets = batch_cliques[slots]
         rows = np.empty(m, dtype=np.int64)
         for k in np.unique(targets):

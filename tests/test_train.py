@@ -75,6 +75,30 @@ def test_sampler_draws_only_frames_of_the_batch_cliques_with_their_targets():
         T.CliqueBatchSampler(np.array([[0, 1], [9, 0]]), clique_rows, 4)
 
 
+def test_unbalanced_sampler_draws_frames_uniformly_over_the_training_list():
+    """balanced=False (the paper's NN-CNN): each clique's share of the images is its share of the frames."""
+    clique_rows = [np.arange(0, 10), np.arange(10, 100), np.arange(100, 130)]  # 10 : 90 : 30 frames
+    sampler = T.CliqueBatchSampler(np.array([[0, 1, 2]]), clique_rows, images_per_step=128, seed=5, balanced=False)
+    owner = np.concatenate([np.full(len(r), k) for k, r in enumerate(clique_rows)])
+    draws = [sampler.draw(step) for step in range(200)]
+    for rows, targets, _ in draws:
+        assert np.array_equal(owner[rows], targets)
+    targets = np.concatenate([t for _, t, _ in draws])
+    np.testing.assert_allclose(np.bincount(targets) / len(targets), [10 / 130, 90 / 130, 30 / 130], atol=0.01)
+    rows = np.concatenate([r for r, _, _ in draws])
+    assert np.bincount(rows, minlength=130).min() > 0.5 * len(rows) / 130  # every frame, about equally often
+
+
+def test_round_steps_set_each_rounds_budget():
+    from cliquecnn_ray.stages import train as stage
+
+    cfg = load_config(None, ["rounds=3", "train.steps=50", "train.round_steps=[200, 80]"])
+    assert [stage.round_steps(cfg, r) for r in range(3)] == [200, 80, 50]
+    assert stage.total_steps(cfg) == 330
+    with pytest.raises(ValueError, match="round 1 has 0 steps"):
+        stage.round_steps(load_config(None, ["train.round_steps=[5, 0]"]), 1)
+
+
 def test_augmentation_is_torchvision_v2_per_image():
     x = torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(0))
     angle = torch.tensor([0.0, 17.0, -33.0])

@@ -125,7 +125,8 @@ def load_training_data(cfg: PipelineConfig, round_: int, seed: int, variant: str
         matrix[i] = pos
     decoded = decode_frames(frames, cfg.train.input_size, cfg.train.grey)
     images = torch.from_numpy(decoded[:, None] if decoded.ndim == 3 else decoded.transpose(0, 3, 1, 2).copy())
-    sampler = CliqueBatchSampler(matrix, clique_rows, cfg.train.images_per_step, seed=seed)
+    sampler = CliqueBatchSampler(matrix, clique_rows, cfg.train.images_per_step, seed=seed,
+                                 balanced=cfg.train.balance_cliques)
     return TrainingData(images=images.contiguous(), sampler=sampler, clique_ids=clique_ids)
 
 
@@ -139,6 +140,22 @@ def model_meta(cfg: PipelineConfig, num_classes: int, clique_ids: np.ndarray) ->
         "feature_layer": cfg.train.feature_layer,
         "clique_ids": [int(c) for c in clique_ids],
     }
+
+
+def round_steps(cfg: PipelineConfig, round_: int) -> int:
+    """The SGD steps of round ``round_``: train.round_steps[round_] where listed, else train.steps. The
+    first round learns from HOG-LDA cliques, which carry what the network does not know yet; later rounds
+    refine on cliques of its own features and need fewer steps."""
+    listed = cfg.train.round_steps
+    steps = int(listed[round_]) if round_ < len(listed) else cfg.train.steps
+    if steps < 1:
+        raise ValueError(f"train.round_steps / train.steps: round {round_} has {steps} steps, need at least 1")
+    return steps
+
+
+def total_steps(cfg: PipelineConfig) -> int:
+    """All rounds' steps: the training budget a baseline gets to be compared at the same cost."""
+    return sum(round_steps(cfg, r) for r in range(cfg.rounds))
 
 
 def round_lr(cfg: PipelineConfig, round_: int) -> float:
@@ -208,7 +225,7 @@ def train_func(config: dict) -> dict:
     images = data.images.to(device)
     amp = device.type == "cuda"
     aug = augment_params(cfg)
-    steps, every = cfg.train.steps, max(1, cfg.train.checkpoint_every)
+    steps, every = round_steps(cfg, round_), max(1, cfg.train.checkpoint_every)
     # Failure injection (tests): the first attempt dies at fail_at_step; a marker beside the checkpoints
     # tells the restarted attempt that it already happened. Decided once, before any rank can write it.
     fail_at = cfg.train.fail_at_step
@@ -315,7 +332,10 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False, variant: str =
         previous = StageDir(cfg.run, round - 1, "model")
         inputs["previous_model"] = previous.fingerprint()
         init_model = previous.file(MODEL_FILE)
-    stage_config = {"train": to_dict(cfg.train), "gpu": cfg.resources.gpus_for_training, "seed": cfg.seed}
+    # This round's step count, not the whole list: changing a later round's steps keeps this round's model.
+    train_settings = {**to_dict(cfg.train), "steps": round_steps(cfg, round)}
+    train_settings.pop("round_steps")
+    stage_config = {"train": train_settings, "gpu": cfg.resources.gpus_for_training, "seed": cfg.seed}
     name = "train-" + hashlib.sha256(
         json.dumps([config_hash(stage_config), inputs], sort_keys=True).encode()
     ).hexdigest()[:16]
@@ -350,8 +370,8 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False, variant: str =
             raise RuntimeError(f"{out}: training finished without a checkpoint ({train_uri})")
         with result.checkpoint.as_directory() as ckpt_dir:
             state = torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        if state["step"] != cfg.train.steps:
-            raise RuntimeError(f"{out}: last checkpoint is at step {state['step']}, expected {cfg.train.steps}")
+        if state["step"] != round_steps(cfg, round):
+            raise RuntimeError(f"{out}: last checkpoint is at step {state['step']}, expected {round_steps(cfg, round)}")
         stats = dict(result.return_value or {})
         clique_ids = _clique_ids(cfg, round, variant)
         meta = model_meta(cfg, len(clique_ids), clique_ids)
