@@ -1,6 +1,12 @@
 """Baselines on the same protocol (paper Sect. 3.1, DESIGN §9): raw pixels, HOG, HOG-LDA (± LTP where the
-frames form videos), a randomly initialised CNN, NN-CNN (each exemplar and its 10 HOG-LDA nearest
-neighbours as one class, same network and training budget), and the full method without LTP.
+frames form videos), a randomly initialised CNN, NN-CNN, and the full method without LTP.
+
+NN-CNN is trained as the paper trains it (Sect. 3.1 v–vi): like the 1-sample CNN, "a separate class for
+each exemplar ... plus one class containing all other samples", where an exemplar's class is the exemplar
+and its 10 HOG-LDA nearest neighbours; one softmax over all classes, SGD batches drawn uniformly from the
+training list; same network and training budget as the method. Beside it, an ablation: the same exemplar
+classes trained with the method's own loss and sampling (r random classes per step, images balanced over
+them, no "other" class), which isolates what clique building and batch selection add.
 
 Each baseline is ordinary stages under other names (``features_raw``, ``cliques_nncnn``, ``model_random``,
 …), so they commit, resume and evaluate like the method itself. ``run`` writes ``<run>/baselines.json``.
@@ -39,6 +45,16 @@ def nn_cnn_classes(
     return classes
 
 
+ALL_CATEGORIES = "*"  # the category of NN-CNN's "other" class and its one batch: they span every category
+
+
+def with_other_class(classes: list[tuple[str, list[int]]], frame_ids: np.ndarray) -> list[tuple[str, list[int]]]:
+    """The paper's NN-CNN classes: the exemplar classes plus one class of every frame in none of them."""
+    taken = np.unique(np.concatenate([np.asarray(m, np.int64) for _, m in classes])) if classes else []
+    others = np.setdiff1d(np.asarray(frame_ids, np.int64), taken)
+    return classes + [(ALL_CATEGORIES, others.tolist())] if len(others) else list(classes)
+
+
 def random_batches(num_classes_by_category: dict[str, np.ndarray], batches: int, r: int, seed: int):
     """Batches of r distinct classes drawn at random per category: [(category, class ids)]."""
     rng = np.random.default_rng(seed)
@@ -50,6 +66,9 @@ def random_batches(num_classes_by_category: dict[str, np.ndarray], batches: int,
 
 
 def _commit_nn_cnn(cfg: PipelineConfig, force: bool) -> None:
+    """Commit NN-CNN's classes and batch (``cliques_nncnn``, ``batches_nncnn``: the exemplar classes, the
+    "other" class, one batch holding them all) and the ablation's (``cliques_nngroups``,
+    ``batches_nngroups``: the exemplar classes in random batches of r)."""
     neighbours = StageDir(cfg.run, 0, "neighbours")
     frames = StageDir(cfg.run, 0, "frames")
     inputs = {"neighbours": neighbours.fingerprint(), "frames": frames.fingerprint()}
@@ -61,9 +80,28 @@ def _commit_nn_cnn(cfg: PipelineConfig, force: bool) -> None:
     lookup = dict(zip(cats.column(schema.FRAME_ID).to_pylist(), cats.column(schema.CATEGORY).to_pylist()))
     frame_ids = table.column(schema.FRAME_ID).to_numpy()
     categories = np.asarray([lookup[int(f)] for f in frame_ids])
-    classes = nn_cnn_classes(frame_ids, table.column(schema.NN_IDS).to_pylist(), categories,
-                             cfg.cliques.num_cliques, cfg.seed)
-    cliques = pa.table(
+    groups = nn_cnn_classes(frame_ids, table.column(schema.NN_IDS).to_pylist(), categories,
+                            cfg.cliques.num_cliques, cfg.seed)
+    paper = with_other_class(groups, cats.column(schema.FRAME_ID).to_numpy())
+
+    by_category: dict[str, list] = {}
+    for i, (cat, _) in enumerate(groups):
+        by_category.setdefault(cat, []).append(i)
+    drawn = random_batches({c: np.asarray(v) for c, v in by_category.items()}, cfg.batches.num_batches,
+                           cfg.batches.cliques_per_batch, cfg.seed)
+    tables = {
+        "nncnn": (_classes_table(paper), _batches_table([(ALL_CATEGORIES, list(range(len(paper))))])),
+        "nngroups": (_classes_table(groups), _batches_table(drawn)),
+    }
+    for variant, (classes_tbl, batches_tbl) in tables.items():
+        stage_settings = {**settings, "variant": variant}
+        for name, tbl in ((f"cliques_{variant}", classes_tbl), (f"batches_{variant}", batches_tbl)):
+            run_stage(StageDir(cfg.run, 0, name), stage_settings, inputs,
+                      lambda attempt, tbl=tbl: _write(tbl, attempt), force=force)
+
+
+def _classes_table(classes: list[tuple[str, list[int]]]) -> pa.Table:
+    return pa.table(
         {
             schema.CLIQUE_ID: pa.array(np.arange(len(classes), dtype=np.int32)),
             schema.CATEGORY: [c for c, _ in classes],
@@ -72,22 +110,17 @@ def _commit_nn_cnn(cfg: PipelineConfig, force: bool) -> None:
         },
         schema=schema.CLIQUES,
     )
-    by_category: dict[str, list] = {}
-    for i, (cat, _) in enumerate(classes):
-        by_category.setdefault(cat, []).append(i)
-    drawn = random_batches({c: np.asarray(v) for c, v in by_category.items()}, cfg.batches.num_batches,
-                           cfg.batches.cliques_per_batch, cfg.seed)
-    batches = pa.table(
+
+
+def _batches_table(batches: list[tuple[str, list[int]]]) -> pa.Table:
+    return pa.table(
         {
-            schema.BATCH_ID: pa.array(np.arange(len(drawn), dtype=np.int32)),
-            schema.CATEGORY: [c for c, _ in drawn],
-            schema.CLIQUE_IDS: pa.array([ids for _, ids in drawn], pa.list_(pa.int32())),
+            schema.BATCH_ID: pa.array(np.arange(len(batches), dtype=np.int32)),
+            schema.CATEGORY: [c for c, _ in batches],
+            schema.CLIQUE_IDS: pa.array([ids for _, ids in batches], pa.list_(pa.int32())),
         },
         schema=schema.BATCHES,
     )
-    for name, tbl in (("cliques_nncnn", cliques), ("batches_nncnn", batches)):
-        run_stage(StageDir(cfg.run, 0, name), settings, inputs,
-                  lambda attempt, tbl=tbl: _write(tbl, attempt), force=force)
 
 
 def _write(table: pa.Table, attempt_uri: str) -> dict:
@@ -122,6 +155,7 @@ def _has_videos(cfg: PipelineConfig) -> bool:
 def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
     """Run (or resume) every baseline and the method's rounds' evaluations; print and return the table."""
     from .evaluate import format_metrics_table
+    from .stages.train import total_steps
 
     cfg = resolve_builtin_data(cfg)
     evaluate, features, impute = stage_runner("evaluate"), stage_runner("features"), stage_runner("impute")
@@ -154,10 +188,12 @@ def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
 
     stage_runner("neighbours")(cfg, round=0, force=force)
     _commit_nn_cnn(cfg, force)
-    same_budget = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=cfg.train.steps * cfg.rounds))
-    stage_runner("train")(same_budget, round=0, force=force, variant="_nncnn")
-    impute(cfg, round=0, force=force, model_stage="model_nncnn", out_stage="features_nncnn")
-    measure("nn-cnn", 1, "features_nncnn")
+    budget = dataclasses.replace(cfg.train, steps=total_steps(cfg), round_steps=())  # the method's, all rounds
+    for name, variant, balanced in (("nn-cnn", "nncnn", False), ("nn groups + random batches", "nngroups", True)):
+        same_budget = dataclasses.replace(cfg, train=dataclasses.replace(budget, balance_cliques=balanced))
+        stage_runner("train")(same_budget, round=0, force=force, variant=f"_{variant}")
+        impute(cfg, round=0, force=force, model_stage=f"model_{variant}", out_stage=f"features_{variant}")
+        measure(name, 1, f"features_{variant}")
 
     final = StageDir(cfg.run, cfg.rounds - 1, "model")
     if videos and cfg.rounds > 0 and final.record():
