@@ -143,9 +143,9 @@ def model_meta(cfg: PipelineConfig, num_classes: int, clique_ids: np.ndarray) ->
 
 
 def round_steps(cfg: PipelineConfig, round_: int) -> int:
-    """The SGD steps of round ``round_``: train.round_steps[round_] where listed, else train.steps. The
-    first round learns from HOG-LDA cliques, which carry what the network does not know yet; later rounds
-    refine on cliques of its own features and need fewer steps."""
+    """The SGD steps of round ``round_``: train.round_steps[round_] where listed, else train.steps. Paper
+    Sect. 2.6: once the similarities are more reliable, fewer batches cover the data, so a later round
+    may need fewer steps than the first, which starts from HOG-LDA."""
     listed = cfg.train.round_steps
     steps = int(listed[round_]) if round_ < len(listed) else cfg.train.steps
     if steps < 1:
