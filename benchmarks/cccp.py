@@ -31,31 +31,31 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cliquecnn_ray import batches as bt  # noqa: E402
+from cliquecnn_ray import cccp  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "cccp.json")
 
 
-def instance(K: int, B: int, r: int, N: int, n_classes: int, seed: int = 0) -> bt.Problem:
-    S, frames, _ = bt.synthetic_cliques(K, N, clique_size=20, n_classes=n_classes, seed=seed)
-    return bt.make_problem(S, frames, B, r)
+def instance(K: int, B: int, r: int, N: int, n_classes: int, seed: int = 0) -> cccp.Problem:
+    S, frames, _ = cccp.synthetic_cliques(K, N, clique_size=20, n_classes=n_classes, seed=seed)
+    return cccp.make_problem(S, frames, B, r)
 
 
-def timed_cccp(prob: bt.Problem, solver: str, seed: int = 1) -> dict:
-    with bt.torch_threads(1), warnings.catch_warnings(record=True) as caught:
+def timed_cccp(prob: cccp.Problem, solver: str, seed: int = 1) -> dict:
+    with cccp.torch_threads(1), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         started = time.time()
-        X, info = bt.cccp(prob, bt.random_start(prob, seed), solver)
+        X, info = cccp.cccp(prob, cccp.random_start(prob, seed), solver)
         seconds = time.time() - started
     return {"seconds": seconds, "X": X, "objective": info["objective"], "iters": info["iters"],
-            "rounded": bt.objective(bt.round_top_r(X, prob.r), prob),
+            "rounded": cccp.objective(cccp.round_top_r(X, prob.r), prob),
             "fallbacks": sorted({str(w.message).split(";")[-1].strip() for w in caught})}
 
 
 def _large_child(K, B, N, n_classes, queue):
     prob = instance(K, B, 20, N, n_classes)
     res = timed_cccp(prob, "fast")
-    st = bt.batch_stats(bt.top_r(res["X"], prob.r), prob, res["X"])
+    st = cccp.batch_stats(cccp.top_r(res["X"], prob.r), prob, res["X"])
     queue.put({"seconds": res["seconds"], "iters": res["iters"], "M": prob.M, "binary_fraction": st["binary_fraction"],
                "within_batch_sim_ratio": st["within_batch_sim_ratio"], "total_coverage": st["total_coverage"]})
 
@@ -83,9 +83,9 @@ def main(argv=None) -> dict:
     fast_paper = timed_cccp(paper, "fast")
     rows.append(("paper scale K=100 B=100 r=20, fast CCCP", f"{fast_paper['seconds']:.2f} s",
                  f"{fast_paper['iters']} CCCP steps, M={paper.M} patterns"))
-    S, frames, _ = bt.synthetic_cliques(100, 2000, 20, 25, seed=0)
-    with bt.torch_threads(1):
-        quality = bt.select_batches(S, frames, 100, 20, restarts=4, seed=0)["stats"]
+    S, frames, _ = cccp.synthetic_cliques(100, 2000, 20, 25, seed=0)
+    with cccp.torch_threads(1):
+        quality = cccp.select_batches(S, frames, 100, 20, restarts=4, seed=0)["stats"]
 
     # 2. The exact solver at growing scales; the largest that succeeds is compared with the fast one.
     scales = [(30, 10, 5, 600, 10), (50, 30, 10, 1000, 15)] + ([] if args.quick else [(100, 100, 20, 2000, 25)])
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
         prob = instance(K, B, r, N, nc)
         try:
             e = timed_cccp(prob, "exact")
-        except bt.SolverError as exc:
+        except cccp.SolverError as exc:
             rows.append((f"exact CCCP K={K} B={B} r={r}", "failed", str(exc)[:80]))
             break
         f = timed_cccp(prob, "fast")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from cliquecnn_ray import baselines, raysetup  # noqa: E402
 from cliquecnn_ray.config import load_config  # noqa: E402
-from cliquecnn_ray.evaluate import format_metrics_table  # noqa: E402
+from cliquecnn_ray.metrics import format_metrics_table  # noqa: E402
 from cliquecnn_ray.pipeline import run_pipeline  # noqa: E402
 from cliquecnn_ray.rundir import StageDir  # noqa: E402
 from cliquecnn_ray.stages.train import round_steps  # noqa: E402

@@ -30,7 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cliquecnn_ray import features as F  # noqa: E402
+from cliquecnn_ray import hog  # noqa: E402
 from cliquecnn_ray.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "hog.json"
@@ -61,13 +61,13 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
 def hog_lda(images: np.ndarray, fcfg) -> tuple[np.ndarray, np.ndarray, float, float]:
     """The timed path: (features (N, D), hog (N, D), hog_seconds, lda_seconds)."""
     t0 = time.perf_counter()
-    hog = F.hog_batch(images, fcfg.hog_orientations, fcfg.hog_cell, fcfg.hog_block)
+    descriptors = hog.hog_batch(images, fcfg.hog_orientations, fcfg.hog_cell, fcfg.hog_block)
     t1 = time.perf_counter()
-    stats = F.reduce_stats([F.whitening_stats(hog[s : s + SHARD]) for s in range(0, len(hog), SHARD)])
-    mu, w = F.whitening_transform(stats, fcfg.lda_lambda)
-    feats = F.whiten(hog, mu, w)
+    stats = hog.reduce_stats([hog.whitening_stats(descriptors[s : s + SHARD]) for s in range(0, len(descriptors), SHARD)])
+    mu, w = hog.whitening_transform(stats, fcfg.lda_lambda)
+    feats = hog.whiten(descriptors, mu, w)
     t2 = time.perf_counter()
-    return feats, hog, t1 - t0, t2 - t1
+    return feats, descriptors, t1 - t0, t2 - t1
 
 
 def knn_accuracy(feats: np.ndarray, labels: np.ndarray, k: int = 5, block: int = 2000) -> float:
@@ -99,12 +99,12 @@ def main(argv=None) -> dict:
     resize_seconds = time.perf_counter() - t
     n = len(images)
 
-    feats, hog, hog_seconds, lda_seconds = hog_lda(images, fcfg)
+    feats, descriptors, hog_seconds, lda_seconds = hog_lda(images, fcfg)
     assert np.isfinite(feats).all()
 
     n_ref = min(args.ref, n)
     t = time.perf_counter()
-    ref = np.stack([F.hog_reference(im, fcfg.hog_orientations, fcfg.hog_cell, fcfg.hog_block) for im in images[:n_ref]])
+    ref = np.stack([hog.hog_reference(im, fcfg.hog_orientations, fcfg.hog_cell, fcfg.hog_block) for im in images[:n_ref]])
     ref_seconds = time.perf_counter() - t
     skimage_seconds = ref_seconds * n / n_ref
     max_diff = float(np.abs(ref - hog[:n_ref]).max())
@@ -133,8 +133,8 @@ def main(argv=None) -> dict:
     }
     if args.quality and n > n_train:
         test = slice(n_train, n)
-        raw, _ = F.finish(F.describe(images[test], "raw"), "raw")
-        hog_only, _ = F.finish(hog[test], "hog")
+        raw, _ = hog.finish(hog.describe(images[test], "raw"), "raw")
+        hog_only, _ = hog.finish(hog[test], "hog")
         result["knn5_test_accuracy"] = {
             "raw": round(knn_accuracy(raw, labels[test]), 4),
             "hog": round(knn_accuracy(hog_only, labels[test]), 4),

@@ -21,8 +21,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cliquecnn_ray import evaluate  # noqa: E402
-from cliquecnn_ray import features as F  # noqa: E402
+from cliquecnn_ray import metrics  # noqa: E402
+from cliquecnn_ray import hog  # noqa: E402
 from cliquecnn_ray.config import load_config  # noqa: E402
 from cliquecnn_ray.datasets import load_fashion_mnist  # noqa: E402
 
@@ -46,22 +46,22 @@ def main() -> None:
     n_train = len(train)
     hog_args = dict(orientations=cfg.hog_orientations, cell=cfg.hog_cell, block=cfg.hog_block)
 
-    hog = F.describe(images, "hog", **hog_args)
-    mu, w = F.whitening_transform(F.whitening_stats(hog), cfg.lda_lambda)
+    descriptors = hog.describe(images, "hog", **hog_args)
+    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), cfg.lda_lambda)
     sims = {
-        "raw": F.finish(F.describe(resize(test, cfg.image_size), "raw"), "raw")[0],
-        "hog": F.finish(hog[n_train:], "hog")[0],
-        "hog_lda": F.whiten(hog[n_train:], mu, w),
+        "raw": hog.finish(hog.describe(resize(test, cfg.image_size), "raw"), "raw")[0],
+        "hog": hog.finish(descriptors[n_train:], "hog")[0],
+        "hog_lda": hog.whiten(descriptors[n_train:], mu, w),
     }
     results: dict = {}
     rows = {}
     for name, feats in sims.items():
         t0 = time.time()
-        metrics = evaluate.class_label_metrics(feats, test_labels, k=5)
-        rows[name] = metrics
-        results[f"auc_{name}"] = round(float(metrics["auc"]), 4)
-        results[f"knn_{name}"] = round(float(metrics["knn"]), 4)
-        results[f"map_{name}"] = round(float(metrics["map"]), 4)
+        result = metrics.class_label_metrics(feats, test_labels, k=5)
+        rows[name] = result
+        results[f"auc_{name}"] = round(float(result["auc"]), 4)
+        results[f"knn_{name}"] = round(float(result["knn"]), 4)
+        results[f"map_{name}"] = round(float(result["map"]), 4)
         print(f"{name:8s} evaluated in {time.time() - t0:.1f} s", flush=True)
     results["seconds"] = round(time.time() - started, 1)
     results["queries"] = int(len(test))

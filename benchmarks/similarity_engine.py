@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cliquecnn_ray.config import NeighboursConfig  # noqa: E402
-from cliquecnn_ray.neighbours import block_extremes  # noqa: E402
+from cliquecnn_ray.similarity import block_extremes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "similarity_engine.json"
 

@@ -132,7 +132,7 @@ def _commit_random_model(cfg: PipelineConfig, force: bool) -> None:
     """A network with its random initial weights (same seed as round 0's), as a committed model."""
     import torch
 
-    from .model import build_model, save_model_bytes
+    from .network import build_model, save_model_bytes
     from .stages.train import MODEL_FILE, model_meta
 
     def compute(attempt_uri: str) -> dict:
@@ -154,7 +154,7 @@ def _has_videos(cfg: PipelineConfig) -> bool:
 
 def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
     """Run (or resume) every baseline and the method's rounds' evaluations; print and return the table."""
-    from .evaluate import format_metrics_table
+    from .metrics import format_metrics_table
     from .stages.train import total_steps
 
     cfg = resolve_builtin_data(cfg)

@@ -119,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _user_errors() -> tuple:
-    from .ingest import IngestError
+    from .frame_sources import IngestError
     from .rundir import StageNotCommitted
     from .schema import SchemaError
     from .storage import StorageError

@@ -22,6 +22,12 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
 
 
+def not_hashed(default: Any) -> Any:
+    """A field that changes how the work runs, never its result (block sizes, actor counts, logging):
+    marked so that the run directory's config hash can leave it out."""
+    return field(default=default, metadata={"hashed": False})
+
+
 @dataclass(frozen=True)
 class ResourcesConfig:
     """What each Ray task asks for, so an autoscaler adds the right nodes (DESIGN §10)."""

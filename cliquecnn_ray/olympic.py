@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from . import evaluate, schema
+from . import metrics, schema
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "olympic_sports"
 LABELS_SUBDIR = "labels_hdf5_19.02.16"
@@ -101,8 +101,8 @@ def read_labels(category: str, data_dir: Optional[str | Path] = None) -> Categor
                     f"{path}: anchor {i} (frame {anchors[i]}) has {len(rows[ids][i])} {ids} but "
                     f"{len(rows[flips][i])} {flips}"
                 )
-    ids, positive, valid = evaluate.pad_candidates(rows["pos_ids"], rows["neg_ids"])
-    flipvals, _, _ = evaluate.pad_candidates(rows["pos_flipvals"], rows["neg_flipvals"])  # aligned with ids
+    ids, positive, valid = metrics.pad_candidates(rows["pos_ids"], rows["neg_ids"])
+    flipvals, _, _ = metrics.pad_candidates(rows["pos_flipvals"], rows["neg_flipvals"])  # aligned with ids
     flip = (flipvals != 0) & valid
     return CategoryLabels(category, offset, anchors, ids, positive, flip, valid, str(path))
 
@@ -129,7 +129,7 @@ def frame_keys(category: str, data_dir: Optional[str | Path] = None) -> tuple[li
 def anchor_metrics(
     labels: CategoryLabels, features: np.ndarray, flipped: Optional[np.ndarray] = None
 ) -> dict[str, np.ndarray]:
-    """Per-anchor results of one category (``evaluate.ranking_metrics``: auc, ap, tpr (A, 101), ...).
+    """Per-anchor results of one category (``metrics.ranking_metrics``: auc, ap, tpr (A, 101), ...).
 
     Args:
         features: (N_c, d) features of the category's frames, row i = line i of its image list.
@@ -147,10 +147,10 @@ def anchor_metrics(
             f"category {labels.category!r}: flipped features have shape {np.shape(flipped)}, "
             f"features {features.shape}"
         )
-    scores = evaluate.candidate_scores(
+    scores = metrics.candidate_scores(
         features[labels.anchors], features, labels.ids, flipped=flipped, flip=labels.flip
     )
-    return evaluate.ranking_metrics(scores, labels.positive, labels.valid)
+    return metrics.ranking_metrics(scores, labels.positive, labels.valid)
 
 
 def olympic_auc(
@@ -190,8 +190,8 @@ def olympic_auc(
                     f"has {expected} frames"
                 )
         flipped = flipped_by_category.get(category)
-        part = evaluate.Partial.of_rows(anchor_metrics(labels, features, flipped))
-        metrics = evaluate.summarise(part)
+        part = metrics.Partial.of_rows(anchor_metrics(labels, features, flipped))
+        metrics = metrics.summarise(part)
         per_category[category] = {
             "auc_mean_roc": metrics["auc_mean_roc"],
             "auc": metrics["auc"],

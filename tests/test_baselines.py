@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from cliquecnn_ray import baselines, schema, storage
-from cliquecnn_ray.model import load_model_bytes
+from cliquecnn_ray.network import load_model_bytes
 from cliquecnn_ray.pipeline import run_pipeline
 from cliquecnn_ray.rundir import StageDir
 from cliquecnn_ray.stages.train import total_steps

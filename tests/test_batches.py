@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cliquecnn_ray import batches as bt
+from cliquecnn_ray import cccp
 from cliquecnn_ray import figures, rundir, schema, storage
 from cliquecnn_ray.config import load_config
 from cliquecnn_ray.stages import batches as stage
@@ -22,7 +22,7 @@ from tests.synthetic import class_images, commit_table, frames_table
 
 def test_coverage_patterns_merge_frames_with_the_same_cliques():
     # frame 0: {0}; frames 1, 2: {0, 1}; frame 3: {1}; frame 9: {2}; frames 4–8 in no clique
-    patterns, weights = bt.coverage_patterns([np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([9])])
+    patterns, weights = cccp.coverage_patterns([np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([9])])
     cols = {tuple(np.flatnonzero(patterns[:, m])): weights[m] for m in range(patterns.shape[1])}
     assert cols == {(0,): 1.0, (0, 1): 2.0, (1,): 1.0, (2,): 1.0}
     # ||x_b C||_p^p over the full C (K × N) equals Σ_m w_m (x_b C_m)^p
@@ -36,15 +36,15 @@ def test_coverage_patterns_merge_frames_with_the_same_cliques():
 
 
 def _small_problem(K=12, B=5, r=3, seed=0, lambdas=(1.0, 4.0, 2.0)):
-    S, frames, _ = bt.synthetic_cliques(K, N=K * 8, clique_size=10, n_classes=4, d=8, seed=seed)
-    return bt.make_problem(S, frames, B, r, lambdas=lambdas)
+    S, frames, _ = cccp.synthetic_cliques(K, N=K * 8, clique_size=10, n_classes=4, d=8, seed=seed)
+    return cccp.make_problem(S, frames, B, r, lambdas=lambdas)
 
 
 def test_objective_at_binary_x_is_eq1_and_grad_v_is_the_gradient():
     prob = _small_problem()
     rng = np.random.default_rng(1)
-    Xb = bt.random_binary(prob.B, prob.K, prob.r, rng)
-    terms = bt.objective_terms(Xb, prob)
+    Xb = cccp.random_binary(prob.B, prob.K, prob.r, rng)
+    terms = cccp.objective_terms(Xb, prob)
     assert terms["nonbinary"] == pytest.approx(0.0, abs=1e-12)  # λ3's term vanishes at binary X
     # Eq. 1 by hand: pairs inside each batch (diag removed), per-batch and total coverage
     sim = sum(prob.S[np.ix_(row, row)].sum() - np.trace(prob.S[np.ix_(row, row)])
@@ -62,11 +62,11 @@ def test_objective_at_binary_x_is_eq1_and_grad_v_is_the_gradient():
         e = np.zeros_like(X)
         e[idx] = 1e-6
         num[idx] = (v(X + e) - v(X - e)) / 2e-6
-    assert np.allclose(bt.grad_v(X, prob), num, atol=1e-6)
+    assert np.allclose(cccp.grad_v(X, prob), num, atol=1e-6)
     # f = u − v up to a constant: f(X) − f(Y) = [u(X) − u(Y)] − [v(X) − v(Y)]
-    Y = bt.random_start(prob, 3)
-    u = lambda Z: bt.subproblem_objective(Z, prob, np.zeros_like(Z))  # noqa: E731
-    assert bt.objective(X, prob) - bt.objective(Y, prob) == pytest.approx((u(X) - u(Y)) - (v(X) - v(Y)))
+    Y = cccp.random_start(prob, 3)
+    u = lambda Z: cccp.subproblem_objective(Z, prob, np.zeros_like(Z))  # noqa: E731
+    assert cccp.objective(X, prob) - cccp.objective(Y, prob) == pytest.approx((u(X) - u(Y)) - (v(X) - v(Y)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def test_projection_onto_capped_simplex_matches_cvxpy(weighted):
         Y = rng.normal(size=(6, K)) * 2
         w = rng.random((6, K)) + 0.1 if weighted else np.ones((6, K))
         low = rng.random((6, K)) * min(0.05, r / K / 2) if weighted else np.zeros((6, K))
-        X = bt.project_capped_simplex(torch.as_tensor(Y), r, scale=torch.as_tensor(w) if weighted else None,
+        X = cccp.project_capped_simplex(torch.as_tensor(Y), r, scale=torch.as_tensor(w) if weighted else None,
                                       lower=torch.as_tensor(low) if weighted else None).numpy()
         for i in range(6):
             x = cp.Variable(K)
@@ -89,7 +89,7 @@ def test_projection_onto_capped_simplex_matches_cvxpy(weighted):
                 solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
             assert np.abs(X[i] - x.value).max() < 1e-6
         assert np.abs(X.sum(1) - r).max() < 1e-12 and X.min() >= 0 and X.max() <= 1
-    ties = bt.project_capped_simplex(torch.tensor([[5.0, 5.0, 5.0, 0.0, 0.0]], dtype=torch.float64), 2).numpy()
+    ties = cccp.project_capped_simplex(torch.tensor([[5.0, 5.0, 5.0, 0.0, 0.0]], dtype=torch.float64), 2).numpy()
     assert np.allclose(ties, [[2 / 3, 2 / 3, 2 / 3, 0, 0]])
 
 
@@ -100,12 +100,12 @@ def test_projection_onto_capped_simplex_matches_cvxpy(weighted):
 @pytest.mark.parametrize("lambda3", [0.0625, 2.0])
 def test_fast_subproblem_solver_reaches_the_exact_optimum(lambda3):
     prob = _small_problem(lambdas=(1.0, 4.0, lambda3))
-    X0 = bt.random_start(prob, 1)
-    G = bt.grad_v(X0, prob)
-    exact = bt.subproblem_objective(bt.solve_subproblem_exact(prob, G), prob, G)
-    power = bt.subproblem_objective(bt.solve_subproblem_exact(prob, G, order=[("CLARABEL", "power")]), prob, G)
-    Xf, info = bt.solve_subproblem_fast(prob, G, X0, tol=1e-12)
-    fast = bt.subproblem_objective(Xf, prob, G)
+    X0 = cccp.random_start(prob, 1)
+    G = cccp.grad_v(X0, prob)
+    exact = cccp.subproblem_objective(cccp.solve_subproblem_exact(prob, G), prob, G)
+    power = cccp.subproblem_objective(cccp.solve_subproblem_exact(prob, G, order=[("CLARABEL", "power")]), prob, G)
+    Xf, info = cccp.solve_subproblem_fast(prob, G, X0, tol=1e-12)
+    fast = cccp.subproblem_objective(Xf, prob, G)
     assert power == pytest.approx(exact, rel=1e-6)  # SOC tower and power cones: the same exact problem
     assert abs(fast - exact) <= 1e-6 * abs(exact)
     assert np.abs(Xf.sum(1) - prob.r).max() < 1e-9 and Xf.min() >= 0 and Xf.max() <= 1
@@ -113,23 +113,23 @@ def test_fast_subproblem_solver_reaches_the_exact_optimum(lambda3):
 
 def test_fast_cccp_within_one_percent_of_exact_cccp():
     prob = _small_problem(K=16, B=6, r=4, seed=2)
-    X0 = bt.random_start(prob, 5)
-    Xe, ie = bt.cccp(prob, X0, "exact")
-    Xf, info = bt.cccp(prob, X0, "fast")
+    X0 = cccp.random_start(prob, 5)
+    Xe, ie = cccp.cccp(prob, X0, "exact")
+    Xf, info = cccp.cccp(prob, X0, "fast")
     assert abs(info["objective"] - ie["objective"]) <= 0.01 * abs(ie["objective"])
     assert np.all(np.diff(info["history"][-3:]) <= 1e-9)  # monotone once λ3 is at its value
-    assert bt.objective(bt.round_top_r(Xf, prob.r), prob) == pytest.approx(
-        bt.objective(bt.round_top_r(Xe, prob.r), prob), rel=0.01)
+    assert cccp.objective(cccp.round_top_r(Xf, prob.r), prob) == pytest.approx(
+        cccp.objective(cccp.round_top_r(Xe, prob.r), prob), rel=0.01)
 
 
 def test_exact_solver_failure_falls_back_to_fast(monkeypatch):
     prob = _small_problem()
 
     def broken(*args, **kwargs):
-        raise bt.SolverError("injected numerical failure")
+        raise cccp.SolverError("injected numerical failure")
 
-    monkeypatch.setattr(bt, "solve_subproblem_exact", broken)
-    res = bt.solve_restart(prob, seed=0, solver="exact")
+    monkeypatch.setattr(cccp, "solve_subproblem_exact", broken)
+    res = cccp.solve_restart(prob, seed=0, solver="exact")
     assert res["solver"] == "fast" and "exact solver failed" in res["fallback"]
     assert res["batches"].shape == (prob.B, prob.r)
 
@@ -139,8 +139,8 @@ def test_exact_solver_failure_falls_back_to_fast(monkeypatch):
 
 
 def test_batches_on_classes_are_dissimilar_covering_and_binary():
-    S, frames, classes = bt.synthetic_cliques(K=40, N=800, clique_size=20, n_classes=10, seed=0)
-    out = bt.select_batches(S, frames, B=20, r=8, restarts=2, seed=0)
+    S, frames, classes = cccp.synthetic_cliques(K=40, N=800, clique_size=20, n_classes=10, seed=0)
+    out = cccp.select_batches(S, frames, B=20, r=8, restarts=2, seed=0)
     st = out["stats"]
     assert out["batches"].shape == (20, 8) and all(len(set(b)) == 8 for b in out["batches"].tolist())
     assert st["within_batch_sim"] < 0.5 * st["within_batch_sim_random"]
@@ -148,7 +148,7 @@ def test_batches_on_classes_are_dissimilar_covering_and_binary():
     assert st["coverage_ratio_vs_random"] >= 1.0 and st["total_coverage"] >= 0.95
     assert st["binary_fraction"] >= 0.95
     # the same seed gives the same batches
-    again = bt.select_batches(S, frames, B=20, r=8, restarts=2, seed=0)
+    again = cccp.select_batches(S, frames, B=20, r=8, restarts=2, seed=0)
     assert np.array_equal(again["batches"], out["batches"])
 
 
@@ -171,8 +171,8 @@ def test_bad_input_names_category_and_value(change, message):
         frames[2] = np.array([], dtype=np.int64)
     if change.get("unknown"):
         frames[1] = np.array([999])
-    with pytest.raises(bt.BatchesError, match=message) as err:
-        bt.validate_inputs(S, frames, change.get("B", 2), change.get("r", 2), "walking",
+    with pytest.raises(cccp.BatchesError, match=message) as err:
+        cccp.validate_inputs(S, frames, change.get("B", 2), change.get("r", 2), "walking",
                            clique_ids=np.array([10, 11, 12]), known_frames=np.arange(4))
     assert "'walking'" in str(err.value)
 
@@ -182,8 +182,8 @@ def test_bad_input_names_category_and_value(change, message):
 
 
 def _batch_stats_on(S, frames, B, r, lambdas=(1.0, 4.0, 2.0), S_opt=None, seed=0):
-    out = bt.select_batches(S if S_opt is None else S_opt, frames, B, r, lambdas=lambdas, restarts=1, seed=seed)
-    return bt.batch_stats(out["batches"], bt.make_problem(S, frames, B, r), out["best"]["X"]), out["batches"]
+    out = cccp.select_batches(S if S_opt is None else S_opt, frames, B, r, lambdas=lambdas, restarts=1, seed=seed)
+    return cccp.batch_stats(out["batches"], cccp.make_problem(S, frames, B, r), out["best"]["X"]), out["batches"]
 
 
 def test_ablation_without_similarity_term_batches_hold_similar_cliques():
@@ -291,7 +291,7 @@ def _two_category_run(tmp_path, K_b=4):
     commit_table(str(tmp_path), 0, "frames", frames_table(images, category=["a"] * 40 + ["b"] * 40))
     blocks, next_id = [], 0
     for c, (cat, K) in enumerate([("a", 12), ("b", K_b)]):
-        S, frames, _ = bt.synthetic_cliques(K, N=40, clique_size=6, n_classes=4, d=8, seed=c)
+        S, frames, _ = cccp.synthetic_cliques(K, N=40, clique_size=6, n_classes=4, d=8, seed=c)
         ids = np.arange(next_id, next_id + K, dtype=np.int32)
         next_id += K
         blocks.append((cat, ids, [f + 40 * c for f in frames], S.astype(np.float32)))
@@ -311,7 +311,7 @@ def test_stage_parallel_restarts_equal_serial_and_commit_outputs(tmp_path, ray_s
     assert table.column(schema.BATCH_ID).to_pylist() == list(range(10))
     for cat, ids, frames, S in blocks:
         got = [row[schema.CLIQUE_IDS] for row in table.to_pylist() if row[schema.CATEGORY] == cat]
-        serial = bt.select_batches(S, frames, 5, 3, restarts=3, seed=7, category=cat)
+        serial = cccp.select_batches(S, frames, 5, 3, restarts=3, seed=7, category=cat)
         assert got == [sorted(ids[b].tolist()) for b in serial["batches"]]  # parallel == serial, same seeds
     stats = json.loads(storage.read_bytes(out.file(stage.STATS_FILE)))
     assert set(stats) == {"a", "b"} and stats["a"]["solver"] == "fast" and len(stats["a"]["restart_objectives"]) == 3
@@ -324,6 +324,6 @@ def test_stage_rejects_a_category_with_fewer_than_r_cliques(tmp_path, ray_sessio
     _two_category_run(tmp_path, K_b=2)
     cfg = load_config(overrides=[f"run={tmp_path}", "batches.num_batches=5", "batches.cliques_per_batch=3",
                                  "batches.restarts=1"])
-    with pytest.raises(bt.BatchesError, match="category 'b': 2 cliques, fewer than r = 3"):
+    with pytest.raises(cccp.BatchesError, match="category 'b': 2 cliques, fewer than r = 3"):
         stage.run(cfg)
     assert rundir.StageDir(str(tmp_path), 0, "batches").record() is None  # nothing committed

@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cliquecnn_ray import cliques as C
+from cliquecnn_ray import linkage
 from cliquecnn_ray import schema
 from cliquecnn_ray.config import CliquesConfig, PipelineConfig
-from cliquecnn_ray.neighbours import exact_extremes, extremes_to_table
+from cliquecnn_ray.similarity import exact_extremes, extremes_to_table
 from cliquecnn_ray.rundir import StageDir
 from cliquecnn_ray.stages import cliques as stage
 from tests import synthetic
@@ -46,17 +46,17 @@ def test_seed_clique_by_hand():
     videos = np.array([0, 1, 2, 3, 4])
     ids = np.array([7, 3, 9, 4])  # neighbour ids, most similar first; the seed's id is 5
     cfg = CliquesConfig(neighbourhood=4, min_sim=float(np.cos(np.radians(30))), target_size=20, max_per_video=0)
-    assert C.seed_clique(5, ids, feats, videos, cfg).tolist() == [5, 7, 3]
+    assert linkage.seed_clique(5, ids, feats, videos, cfg).tolist() == [5, 7, 3]
     # target size 2: the merge that would make 3 frames is not taken
-    assert C.seed_clique(5, ids, feats, videos, CliquesConfig(neighbourhood=4, min_sim=-1, target_size=2,
+    assert linkage.seed_clique(5, ids, feats, videos, CliquesConfig(neighbourhood=4, min_sim=-1, target_size=2,
                                                               max_per_video=0)).tolist() == [5, 7]
     # size only (min_sim = −1): the seed's cluster grows until the size would pass target_size
-    assert C.seed_clique(5, ids, feats, videos, CliquesConfig(neighbourhood=4, min_sim=-1, target_size=4,
+    assert linkage.seed_clique(5, ids, feats, videos, CliquesConfig(neighbourhood=4, min_sim=-1, target_size=4,
                                                               max_per_video=0)).tolist() == [5, 7, 3]
-    assert sorted(C.seed_clique(5, ids, feats, videos, CliquesConfig(neighbourhood=4, min_sim=-1, target_size=5,
+    assert sorted(linkage.seed_clique(5, ids, feats, videos, CliquesConfig(neighbourhood=4, min_sim=-1, target_size=5,
                                                                      max_per_video=0)).tolist()) == [3, 4, 5, 7, 9]
     # neighbourhood 2 clusters only the seed and its two nearest
-    assert C.seed_clique(5, ids, feats, videos, CliquesConfig(neighbourhood=2, min_sim=-1, target_size=20,
+    assert linkage.seed_clique(5, ids, feats, videos, CliquesConfig(neighbourhood=2, min_sim=-1, target_size=20,
                                                               max_per_video=0)).tolist() == [5, 7, 3]
 
 
@@ -67,7 +67,7 @@ def test_seed_cliques_are_complete_linkage_cliques():
     cfg = CliquesConfig(neighbourhood=15, min_sim=0.6, target_size=12, max_per_video=0)
     sims = feats.astype(np.float64) @ feats.T
     sizes = []
-    for seed, clique in enumerate(C.seed_cliques(np.arange(len(feats)), nn, feats, videos, cfg)):
+    for seed, clique in enumerate(linkage.seed_cliques(np.arange(len(feats)), nn, feats, videos, cfg)):
         assert clique[0] == seed and len(set(clique.tolist())) == len(clique) <= cfg.target_size
         assert set(clique[1:].tolist()) <= set(nn[seed].tolist())
         block = sims[np.ix_(clique, clique)]
@@ -82,9 +82,9 @@ def test_cliques_are_pure_on_separated_clusters():
     videos = np.arange(len(feats))
     cfg = CliquesConfig(neighbourhood=20, min_sim=0.3, target_size=15, min_size=4, max_per_video=0,
                         num_cliques=12, max_size=20)
-    for clique in C.seed_cliques(np.arange(len(feats)), nn, feats, videos, cfg):
+    for clique in linkage.seed_cliques(np.arange(len(feats)), nn, feats, videos, cfg):
         assert len(set(labels[clique].tolist())) == 1
-    cliques, comp, _ = C.build_cliques(nn, feats, videos, cfg)
+    cliques, comp, _ = linkage.build_cliques(nn, feats, videos, cfg)
     assert len(cliques) == 12
     assert all(len(set(labels[c].tolist())) == 1 for c in cliques)
     assert len({labels[c[0]] for c in cliques}) == 6  # coverage: every cluster has a clique
@@ -100,15 +100,15 @@ def test_max_per_video_is_honoured_and_the_seed_kept():
     nn = knn(feats, 20)
     cfg = CliquesConfig(neighbourhood=20, min_sim=0.2, target_size=12, min_size=3, max_per_video=2,
                         num_cliques=6, max_size=16)
-    seeds = C.seed_cliques(np.arange(len(feats)), nn, feats, videos, cfg)
+    seeds = linkage.seed_cliques(np.arange(len(feats)), nn, feats, videos, cfg)
     for seed, clique in enumerate(seeds):
         assert clique[0] == seed
         assert np.bincount(videos[clique]).max() <= 2
     assert max(len(c) for c in seeds) == 8  # 4 videos × 2: the cap binds, the size counts after it
-    cliques, _, _ = C.build_cliques(nn, feats, videos, cfg)
+    cliques, _, _ = linkage.build_cliques(nn, feats, videos, cfg)
     assert all(np.bincount(videos[c]).max() <= 2 for c in cliques)
     # cap_per_video keeps the first-come entries of each video: position 3 is the third of video 0
-    assert C.cap_per_video(np.array([4, 0, 1, 2, 3]), np.array([0, 0, 1, 0, 1]), 2).tolist() == [4, 0, 1, 2]
+    assert linkage.cap_per_video(np.array([4, 0, 1, 2, 3]), np.array([0, 0, 1, 0, 1]), 2).tolist() == [4, 0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,21 +123,21 @@ def test_merge_stop_rule_on_a_planted_case():
     videos = np.arange(len(feats))
     cfg = CliquesConfig(min_sim=-1.0, max_size=0, max_per_video=0)
     half_a, half_b = np.arange(0, 12), np.arange(8, 20)  # overlapping halves of cluster 0
-    merged, comp = C.merge_cliques([half_a, half_b], feats, videos, cfg)
+    merged, comp = linkage.merge_cliques([half_a, half_b], feats, videos, cfg)
     assert len(merged) == 1 and merged[0].tolist() == list(range(20))
-    assert comp[0] == pytest.approx(C.compactness(feats[:20]))
+    assert comp[0] == pytest.approx(linkage.compactness(feats[:20]))
 
     # a clique of cluster 0 and a clique of cluster 1 sharing one frame (frame 0) stay apart
     c0 = np.arange(0, 10)
     c1 = np.r_[20 + np.arange(9), 0]
-    merged, _ = C.merge_cliques([c0, c1], feats, videos, cfg)
+    merged, _ = linkage.merge_cliques([c0, c1], feats, videos, cfg)
     assert sorted(map(sorted, (m.tolist() for m in merged))) == sorted([sorted(c0.tolist()), sorted(c1.tolist())])
     # ... because the union falls below half the constituents' mean compactness
     union = np.union1d(c0, c1)
-    assert C.compactness(feats[union]) < 0.25 * (C.compactness(feats[c0]) + C.compactness(feats[c1]))
+    assert linkage.compactness(feats[union]) < 0.25 * (linkage.compactness(feats[c0]) + linkage.compactness(feats[c1]))
 
     # identical cliques collapse; cliques sharing no frame are never candidates
-    merged, _ = C.merge_cliques([half_a, half_a[::-1].copy(), np.arange(20, 30)], feats, videos, cfg)
+    merged, _ = linkage.merge_cliques([half_a, half_a[::-1].copy(), np.arange(20, 30)], feats, videos, cfg)
     assert len(merged) == 2
 
 
@@ -145,17 +145,17 @@ def test_merge_respects_max_size_and_the_cut():
     feats, _ = synthetic.clustered_features(n_clusters=1, per_cluster=20, d=32, noise=0.3, seed=5)
     videos = np.arange(20)
     halves = [np.arange(0, 12), np.arange(8, 20)]
-    assert len(C.merge_cliques(halves, feats, videos, CliquesConfig(min_sim=-1, max_size=16, max_per_video=0))[0]) == 2
+    assert len(linkage.merge_cliques(halves, feats, videos, CliquesConfig(min_sim=-1, max_size=16, max_per_video=0))[0]) == 2
     sims = feats.astype(np.float64) @ feats.T
     above = float(sims.min()) + 0.01  # a cut just above the least similar pair of the union
-    assert len(C.merge_cliques(halves, feats, videos, CliquesConfig(min_sim=above, max_size=0, max_per_video=0))[0]) == 2
-    assert len(C.merge_cliques(halves, feats, videos, CliquesConfig(min_sim=above - 0.02, max_size=0,
+    assert len(linkage.merge_cliques(halves, feats, videos, CliquesConfig(min_sim=above, max_size=0, max_per_video=0))[0]) == 2
+    assert len(linkage.merge_cliques(halves, feats, videos, CliquesConfig(min_sim=above - 0.02, max_size=0,
                                                                     max_per_video=0))[0]) == 1
 
 
 def test_candidate_pairs_are_overlaps_only():
     cliques = [np.array([0, 1, 2]), np.array([1, 3]), np.array([3, 4]), np.array([5, 6])]
-    pairs = C.candidate_pairs(cliques).tolist()
+    pairs = linkage.candidate_pairs(cliques).tolist()
     # frame 1 is in cliques 0 and 1 (anchor: clique 1, seeded at 1); frame 3 in 1 and 2 (anchor: clique 2);
     # clique 3 shares no frame
     assert pairs == [[0, 1], [1, 2]]
@@ -170,23 +170,23 @@ def test_selection_prefers_coverage():
     cliques = [np.arange(0, 10), np.r_[np.arange(0, 9), 50], np.arange(20, 30), np.array([40, 41])]
     comp = np.array([0.9, 0.85, 0.8, 0.99])
     # K = 2: clique 1 is 90% covered by clique 0, so clique 2 comes next; clique 3 is below min_size
-    assert C.select_cliques(cliques, comp, num_cliques=2, min_size=4, max_covered=0.5).tolist() == [0, 2]
+    assert linkage.select_cliques(cliques, comp, num_cliques=2, min_size=4, max_covered=0.5).tolist() == [0, 2]
     # K = 3: the skipped clique fills up
-    assert C.select_cliques(cliques, comp, num_cliques=3, min_size=4, max_covered=0.5).tolist() == [0, 2, 1]
+    assert linkage.select_cliques(cliques, comp, num_cliques=3, min_size=4, max_covered=0.5).tolist() == [0, 2, 1]
     # max_covered = 1: plain most-compact-first
-    assert C.select_cliques(cliques, comp, num_cliques=2, min_size=4, max_covered=1.0).tolist() == [0, 1]
+    assert linkage.select_cliques(cliques, comp, num_cliques=2, min_size=4, max_covered=1.0).tolist() == [0, 1]
 
 
 def test_spherical_kmeans_recovers_separated_groups_and_is_seeded():
     rng = np.random.default_rng(0)
     centres = np.eye(3, 8)
     x = np.concatenate([c + 0.05 * rng.standard_normal((30, 8)) for c in centres])
-    groups = C.spherical_kmeans(x, 3, seed=1)
+    groups = linkage.spherical_kmeans(x, 3, seed=1)
     truth = np.repeat(np.arange(3), 30)
     assert len(np.unique(groups)) == 3
     assert all(len(np.unique(groups[truth == t])) == 1 for t in range(3))  # each true group is one group
-    assert np.array_equal(groups, C.spherical_kmeans(x, 3, seed=1))
-    assert len(C.spherical_kmeans(x[:2], 5)) == 2  # k > n: at most n groups
+    assert np.array_equal(groups, linkage.spherical_kmeans(x, 3, seed=1))
+    assert len(linkage.spherical_kmeans(x[:2], 5)) == 2  # k > n: at most n groups
 
 
 def test_spread_selection_covers_the_sparse_mode_that_compact_misses():
@@ -200,14 +200,14 @@ def test_spread_selection_covers_the_sparse_mode_that_compact_misses():
             block = centre + noise * rng.standard_normal((6, 16))
             block /= np.linalg.norm(block, axis=1, keepdims=True)
             cliques.append(np.arange(6 * len(feats), 6 * len(feats) + 6))
-            comp.append(C.compactness(block))
+            comp.append(linkage.compactness(block))
             feats.append(block)
     feats, comp = np.concatenate(feats), np.asarray(comp)
     mode_of = np.repeat([0, 1], 12)
-    compact = C.select_cliques(cliques, comp, num_cliques=6, min_size=4)
+    compact = linkage.select_cliques(cliques, comp, num_cliques=6, min_size=4)
     assert set(mode_of[compact].tolist()) == {0}
-    groups = C.spread_groups(cliques, feats, num_groups=6, min_size=4, seed=0)
-    spread = C.select_cliques(cliques, comp, num_cliques=6, min_size=4, groups=groups)
+    groups = linkage.spread_groups(cliques, feats, num_groups=6, min_size=4, seed=0)
+    spread = linkage.select_cliques(cliques, comp, num_cliques=6, min_size=4, groups=groups)
     assert len(spread) == 6 and set(mode_of[spread].tolist()) == {0, 1}
     assert len(set(groups[spread].tolist())) == 6  # one clique per group
     # within its group, the chosen clique is the most compact one
@@ -219,17 +219,17 @@ def test_unknown_selection_rule_is_named():
     feats = np.eye(6, 4)[[0, 0, 0, 0, 1, 1]].astype(np.float32)
     nn = np.array([[j for j in range(6) if j != i] for i in range(6)])
     with pytest.raises(ValueError, match="cliques.selection: unknown rule 'best'"):
-        C.build_cliques(nn, feats, np.arange(6), CliquesConfig(selection="best", min_size=2))
+        linkage.build_cliques(nn, feats, np.arange(6), CliquesConfig(selection="best", min_size=2))
 
 
 def test_no_clique_of_min_size_is_a_clear_error():
     feats = angles([0, 90, 180, 270])  # mutually dissimilar: every seed clique is a single frame
     nn = knn(feats, 3)
     cfg = CliquesConfig(min_sim=0.5, min_size=2, neighbourhood=3)
-    with pytest.raises(C.CliqueError, match=r"category 'x'.*min_size=2.*largest 1"):
-        C.build_cliques(nn, feats, np.arange(4), cfg, category="x")
-    with pytest.raises(C.CliqueError, match=r"category 'x' has 4 frames, fewer than cliques.min_size=5"):
-        C.build_cliques(nn, feats, np.arange(4), CliquesConfig(min_size=5), category="x")
+    with pytest.raises(linkage.CliqueError, match=r"category 'x'.*min_size=2.*largest 1"):
+        linkage.build_cliques(nn, feats, np.arange(4), cfg, category="x")
+    with pytest.raises(linkage.CliqueError, match=r"category 'x' has 4 frames, fewer than cliques.min_size=5"):
+        linkage.build_cliques(nn, feats, np.arange(4), CliquesConfig(min_size=5), category="x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,29 +241,29 @@ def test_clique_similarity_is_the_mean_pairwise_similarity():
     feats = rng.normal(size=(12, 5)).astype(np.float32)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     cliques = [np.array([0, 1, 2]), np.array([2, 3, 4, 5]), np.array([6, 7]), np.array([8, 9, 10, 11, 0])]
-    S = C.clique_similarity(cliques, feats)
+    S = linkage.clique_similarity(cliques, feats)
     for (a, ca), (b, cb) in itertools.product(enumerate(cliques), repeat=2):
         brute = np.mean([float(feats[i] @ feats[j]) for i in ca for j in cb])  # all pairs, self-pairs too
         assert S[a, b] == pytest.approx(brute, abs=1e-6)
     assert np.linalg.eigvalsh(S).min() > -1e-10  # a Gram matrix of clique means
     # compactness excludes self-pairs
     c = cliques[1]
-    assert C.compactness(feats[c]) == pytest.approx(
+    assert linkage.compactness(feats[c]) == pytest.approx(
         np.mean([float(feats[i] @ feats[j]) for i in c for j in c if i != j]), abs=1e-6)
 
 
 def test_project_psd():
     rot = np.array([[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]])
     S = rot @ np.diag([2.0, -1.0]) @ rot.T
-    assert np.allclose(C.project_psd(S), rot @ np.diag([2.0, 0.0]) @ rot.T)  # by hand
+    assert np.allclose(linkage.project_psd(S), rot @ np.diag([2.0, 0.0]) @ rot.T)  # by hand
     rng = np.random.default_rng(7)
     A = rng.normal(size=(8, 8))
-    P = C.project_psd(A + A.T)
+    P = linkage.project_psd(A + A.T)
     assert np.allclose(P, P.T) and np.linalg.eigvalsh(P).min() > -1e-10
     B = rng.normal(size=(8, 3))
     G = B @ B.T
     G = (G + G.T) / 2
-    assert np.array_equal(C.project_psd(G), G)  # PSD (rank 3) is left unchanged
+    assert np.array_equal(linkage.project_psd(G), G)  # PSD (rank 3) is left unchanged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,20 +310,20 @@ def test_stage_end_to_end(ray_session, tmp_path):
     for cat, frames, c in zip(cats, frame_lists, comp):
         assert (category[frames] == cat).all() and len(set(labels[frames].tolist())) == 1
         assert np.bincount(np.unique(videos[frames], return_inverse=True)[1]).max() <= 4
-        assert c == pytest.approx(C.compactness(feats[frames]), abs=1e-5)
+        assert c == pytest.approx(linkage.compactness(feats[frames]), abs=1e-5)
 
     # parallel equals serial: the pure one-process build on the category's local arrays
     for cat, offset in (("a_cat", 0), ("b_cat", 5)):
         local = np.flatnonzero(category == cat)
         ext = exact_extremes(feats[local], np.arange(len(local)), k=12)
         vcodes = np.unique(videos[local], return_inverse=True)[1]
-        ref, ref_comp, ref_sim = C.build_cliques(ext.nn_ids, feats[local], vcodes, cc, category=cat)
+        ref, ref_comp, ref_sim = linkage.build_cliques(ext.nn_ids, feats[local], vcodes, cc, category=cat)
         assert [local[r].tolist() for r in ref] == [f.tolist() for f in frame_lists[offset : offset + 5]]
         assert np.allclose(ref_comp, comp[offset : offset + 5], atol=1e-6)
         sim_ids, sim = stage.read_clique_similarity(StageDir(run, 0, "cliques"))[cat]
         assert sim_ids.tolist() == list(range(offset, offset + 5)) and sim.dtype == np.float32
         assert np.allclose(sim, ref_sim, atol=1e-6)
-        assert np.allclose(sim, C.clique_similarity(frame_lists[offset : offset + 5], feats), atol=1e-5)
+        assert np.allclose(sim, linkage.clique_similarity(frame_lists[offset : offset + 5], feats), atol=1e-5)
 
     stats = record["stats"]
     assert stats["rows"] == 10
@@ -336,7 +336,7 @@ def test_stage_bad_inputs(ray_session, tmp_path):
     run = str(tmp_path / "run")
     _tiny_run(run)
     cfg = PipelineConfig(run=run, cliques=CliquesConfig(min_size=31, num_cliques=2))
-    with pytest.raises(C.CliqueError, match=r"category 'a_cat' has 30 frames, fewer than cliques.min_size=31"):
+    with pytest.raises(linkage.CliqueError, match=r"category 'a_cat' has 30 frames, fewer than cliques.min_size=31"):
         stage.run(cfg)
     assert StageDir(run, 0, "cliques").record() is None  # nothing committed
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from cliquecnn_ray import evaluate as E
+from cliquecnn_ray import metrics
 from cliquecnn_ray import schema, storage
 from cliquecnn_ray.config import PipelineConfig
-from cliquecnn_ray.neighbours import ltp_stack
+from cliquecnn_ray.similarity import ltp_stack
 from cliquecnn_ray.rundir import StageDir
 
 from tests.synthetic import clustered_features, commit_table, frames_table
@@ -25,7 +25,7 @@ def unit(degrees) -> np.ndarray:
 
 def test_pearson_normalise_gives_correlations():
     x = np.array([[1.0, 2.0, 3.0], [3.0, 1.0, 2.0], [5.0, 5.0, 5.0]])
-    z = E.pearson_normalise(x)
+    z = metrics.pearson_normalise(x)
     np.testing.assert_allclose(z[0], np.array([-1, 0, 1]) / np.sqrt(2), atol=1e-6)
     np.testing.assert_allclose(z[0] @ z[1], np.corrcoef(x[0], x[1])[0, 1], atol=1e-6)
     assert not z[2].any()  # a constant vector has no correlation: zero, not NaN
@@ -35,7 +35,7 @@ def test_ranking_metrics_hand_case_without_ties():
     # Ranked by score: N P P N N (3 negatives, 2 positives).
     # AUC: each positive is above 2 of the 3 negatives → 4/6. AP: precisions at the positives 1/2, 2/3 → 7/12.
     # ROC points (0,0) (1/3,0) (1/3,1) (1,1): TPR 0 below FPR 1/3, 1 from there on.
-    m = E.ranking_metrics([[0.9, 0.8, 0.7, 0.6, 0.5]], [[False, True, True, False, False]])
+    m = metrics.ranking_metrics([[0.9, 0.8, 0.7, 0.6, 0.5]], [[False, True, True, False, False]])
     assert m["auc"][0] == pytest.approx(4 / 6)
     assert m["ap"][0] == pytest.approx(7 / 12)
     assert m["tpr"][0, 0] == 0.0 and m["tpr"][0, 33] == 0.0 and m["tpr"][0, 34] == 1.0
@@ -53,7 +53,7 @@ def test_ranking_metrics_hand_case_with_ties_and_left_out_candidates():
     scores = [[0.9, 0.5, 0.5, 0.1, 2.0]]
     positive = [[False, True, False, True, True]]
     valid = [[True, True, True, True, False]]
-    m = E.ranking_metrics(scores, positive, valid)
+    m = metrics.ranking_metrics(scores, positive, valid)
     assert m["auc"][0] == pytest.approx(1 / 8)
     assert m["ap"][0] == pytest.approx(5 / 12)
     # ROC (0,0) (½,0) (1,½) (1,1): a diagonal through the tie; TPR(FPR 0.75) = 0.25, TPR(1) = 1.
@@ -61,13 +61,13 @@ def test_ranking_metrics_hand_case_with_ties_and_left_out_candidates():
 
 
 def test_ranking_metrics_skips_rows_without_positives_or_negatives():
-    m = E.ranking_metrics([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]], [[True, True], [False, False], [True, False]],
+    m = metrics.ranking_metrics([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]], [[True, True], [False, False], [True, False]],
                           [[True, True], [True, True], [True, False]])
     assert m["skipped"].tolist() == [True, True, True]  # row 3: its only negative is left out
     assert np.isnan(m["auc"]).all() and np.isnan(m["ap"]).all() and np.isnan(m["tpr"]).all()
-    part = E.Partial.of_rows(m)
+    part = metrics.Partial.of_rows(m)
     assert (part.n_queries, part.skipped) == (0, 3)
-    assert np.isnan(E.summarise(part)["auc"])
+    assert np.isnan(metrics.summarise(part)["auc"])
 
 
 @pytest.mark.parametrize("levels", [3, 1000])
@@ -76,7 +76,7 @@ def test_ranking_metrics_equal_sklearn(levels):
     scores = rng.integers(0, levels, size=(80, 40)).astype(np.float32)  # few levels: many ties
     positive = rng.random(scores.shape) < 0.3
     valid = rng.random(scores.shape) < 0.9
-    m = E.ranking_metrics(scores, positive, valid)
+    m = metrics.ranking_metrics(scores, positive, valid)
     checked = 0
     for i in range(len(scores)):
         y, s = positive[i][valid[i]], scores[i][valid[i]]
@@ -87,15 +87,15 @@ def test_ranking_metrics_equal_sklearn(levels):
         assert m["auc"][i] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
         assert m["ap"][i] == pytest.approx(average_precision_score(y, s), abs=1e-12)
         fpr, tpr, _ = roc_curve(y, s)
-        np.testing.assert_allclose(m["tpr"][i], np.interp(E.GRID, fpr, tpr), atol=1e-12)
+        np.testing.assert_allclose(m["tpr"][i], np.interp(metrics.GRID, fpr, tpr), atol=1e-12)
     assert checked > 70
 
 
 def test_mean_roc_auc_conventions():
-    assert E.mean_roc_auc(np.ones(101)) == pytest.approx(1.0)
-    assert E.mean_roc_auc(E.GRID) == pytest.approx(0.5)
+    assert metrics.mean_roc_auc(np.ones(101)) == pytest.approx(1.0)
+    assert metrics.mean_roc_auc(metrics.GRID) == pytest.approx(0.5)
     # scikit-learn's example forces (0, 0): half a grid step of area is lost from a perfect curve.
-    assert E.mean_roc_auc(np.ones(101), start_at_origin=True) == pytest.approx(0.995)
+    assert metrics.mean_roc_auc(np.ones(101), start_at_origin=True) == pytest.approx(0.995)
 
 
 def test_knn_vote_breaks_ties_by_summed_similarity_then_smallest_label():
@@ -103,7 +103,7 @@ def test_knn_vote_breaks_ties_by_summed_similarity_then_smallest_label():
     sims = [[0.9, 0.8, 0.7, 0.5, 0.4],  # 0 and 1 have two votes; sums 1.4 vs 1.5 → 1
             [0.5, 0.5, 0.9, 0.5, 0.5],  # 1 and 2 two votes, equal sums → smaller label 1
             [0.9, 0.9, 0.1, 0.1, 0.1]]  # 2 has three votes → 2, whatever the similarities
-    assert E.knn_vote(labels, sims, n_labels=3).tolist() == [1, 1, 2]
+    assert metrics.knn_vote(labels, sims, n_labels=3).tolist() == [1, 1, 2]
 
 
 # Six unit vectors in 2-D: class A at 0°, 10°, 20°; class B at 48°, 90°, 100° (similarity = cos of the angle).
@@ -117,8 +117,8 @@ HAND_LABELS = np.array([0, 0, 0, 1, 1, 1])
 
 
 def test_class_partial_hand_case():
-    part = E.class_partial(unit(HAND_ANGLES), HAND_LABELS, k=3, row_block=4)
-    m = E.summarise(part)
+    part = metrics.class_partial(unit(HAND_ANGLES), HAND_LABELS, k=3, row_block=4)
+    m = metrics.summarise(part)
     assert m["auc"] == pytest.approx((5 + 1 / 6) / 6)
     assert m["map"] == pytest.approx((5 + 11 / 30) / 6)
     assert m["knn"] == pytest.approx(5 / 6)
@@ -128,9 +128,9 @@ def test_class_partial_hand_case():
 
 def test_class_partial_sharded_equals_one_shot():
     feats, labels = clustered_features(n_clusters=4, per_cluster=15, d=8, noise=1.0, seed=3)
-    one = E.class_partial(feats, labels, k=5, row_block=1000)
-    parts = [E.class_partial(feats, labels, k=5, start=a, stop=b, row_block=4) for a, b in ((0, 7), (7, 31), (31, 60))]
-    many = E.merge(parts)
+    one = metrics.class_partial(feats, labels, k=5, row_block=1000)
+    parts = [metrics.class_partial(feats, labels, k=5, start=a, stop=b, row_block=4) for a, b in ((0, 7), (7, 31), (31, 60))]
+    many = metrics.merge(parts)
     assert (many.n_queries, many.knn_correct, many.skipped) == (one.n_queries, one.knn_correct, one.skipped)
     assert many.auc_sum == pytest.approx(one.auc_sum) and many.ap_sum == pytest.approx(one.ap_sum)
     np.testing.assert_allclose(many.tpr_sum, one.tpr_sum)
@@ -151,7 +151,7 @@ def _reference_class_metrics(feats, labels, k):
         aucs.append(roc_auc_score(y, s))
         aps.append(average_precision_score(y, s))
         fpr, tpr, _ = roc_curve(y, s)
-        tprs.append(np.interp(E.GRID, fpr, tpr))
+        tprs.append(np.interp(metrics.GRID, fpr, tpr))
         top = np.argsort(-s, kind="stable")[:k]
         votes = {}
         for lab, sim in zip(labels[others][top], s[top]):
@@ -159,7 +159,7 @@ def _reference_class_metrics(feats, labels, k):
             votes[lab] = (count + 1, total + sim)
         best = sorted(votes.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[0][0]
         hits.append(best == labels[i])
-    return np.mean(aucs), np.mean(aps), np.mean(hits), np.trapezoid(np.mean(tprs, 0), E.GRID), len(aucs)
+    return np.mean(aucs), np.mean(aps), np.mean(hits), np.trapezoid(np.mean(tprs, 0), metrics.GRID), len(aucs)
 
 
 def test_class_label_metrics_equal_a_straightforward_loop_per_category():
@@ -169,40 +169,40 @@ def test_class_label_metrics_equal_a_straightforward_loop_per_category():
     labels = labels.astype(str)
     labels[0] = "alone"  # a class of one: no positive, skipped
     cats = np.where(np.arange(len(labels)) % 2 == 0, "even", "odd")
-    metrics = E.class_label_metrics(feats, labels, categories=cats, k=5, memory_mb=0.001)
-    assert set(metrics["per_category"]) == {"even", "odd"}
+    result = metrics.class_label_metrics(feats, labels, categories=cats, k=5, memory_mb=0.001)
+    assert set(result["per_category"]) == {"even", "odd"}
     for cat in ("even", "odd"):
         rows = np.flatnonzero(cats == cat)
         auc, ap, knn, auc_roc, n = _reference_class_metrics(feats[rows].astype(np.float64), labels[rows], 5)
-        got = metrics["per_category"][cat]
+        got = result["per_category"][cat]
         assert got["n_queries"] == n
         assert got["auc"] == pytest.approx(auc, abs=1e-6)
         assert got["map"] == pytest.approx(ap, abs=1e-6)
         assert got["knn"] == pytest.approx(knn)
         assert got["auc_mean_roc"] == pytest.approx(auc_roc, abs=1e-6)
-    assert metrics["skipped_queries"] == 1 and metrics["per_category"]["even"]["skipped_queries"] == 1
-    assert metrics["n_queries"] == len(labels) - 1
-    assert metrics["auc_category_mean"] == pytest.approx(
-        np.mean([metrics["per_category"][c]["auc"] for c in ("even", "odd")])
+    assert result["skipped_queries"] == 1 and result["per_category"]["even"]["skipped_queries"] == 1
+    assert result["n_queries"] == len(labels) - 1
+    assert result["auc_category_mean"] == pytest.approx(
+        np.mean([result["per_category"][c]["auc"] for c in ("even", "odd")])
     )
-    assert metrics["auc_mean_roc"] == pytest.approx(
-        np.mean([metrics["per_category"][c]["auc_mean_roc"] for c in ("even", "odd")])
+    assert result["auc_mean_roc"] == pytest.approx(
+        np.mean([result["per_category"][c]["auc_mean_roc"] for c in ("even", "odd")])
     )
 
 
 def test_a_category_of_one_class_is_skipped_not_fatal():
     feats = unit([0, 10, 20, 30])
-    metrics = E.class_label_metrics(feats, ["a", "a", "b", "b"], categories=["x", "x", "y", "y"], pearson=False)
+    result = metrics.class_label_metrics(feats, ["a", "a", "b", "b"], categories=["x", "x", "y", "y"], pearson=False)
     # Within each category every frame has only positives: nothing to rank against.
-    assert metrics["n_queries"] == 0 and metrics["skipped_queries"] == 4
-    assert np.isnan(metrics["auc"]) and metrics["knn"] is None and metrics["n_categories"] == 0
+    assert result["n_queries"] == 0 and result["skipped_queries"] == 4
+    assert np.isnan(result["auc"]) and result["knn"] is None and result["n_categories"] == 0
 
 
 def test_candidate_label_metrics_hand_case():
     # Query 0 (0°) with positives at 10°, 80° and negatives at 30°, 90°: ranked P N P N →
     # AUC 3/4, AP (1 + 2/3)/2 = 5/6. Query 1 (90°): positive 80°, negative 0° → AUC 1, AP 1.
     feats = unit([0, 10, 30, 80, 90])
-    m = E.candidate_label_metrics(feats, [0, 4], [np.array([1, 3]), np.array([3])], [np.array([2, 4]), np.array([0])],
+    m = metrics.candidate_label_metrics(feats, [0, 4], [np.array([1, 3]), np.array([3])], [np.array([2, 4]), np.array([0])],
                                   pearson=False)
     assert m["auc"] == pytest.approx((3 / 4 + 1) / 2)
     assert m["map"] == pytest.approx((5 / 6 + 1) / 2)
@@ -210,7 +210,7 @@ def test_candidate_label_metrics_hand_case():
 
 
 def test_format_metrics_table():
-    text = E.format_metrics_table({
+    text = metrics.format_metrics_table({
         "round 0": {"auc": 0.81234, "auc_mean_roc": 0.8, "knn": None, "map": 0.5, "n_queries": 10, "skipped_queries": 0},
         "a much longer name": {"auc": float("nan")},
     })
@@ -221,8 +221,8 @@ def test_format_metrics_table():
 
 
 def test_row_block_for_bounds_memory():
-    assert E.row_block_for(10_000, 1024) * 10_000 * E.BYTES_PER_ENTRY <= 1024 * 2**20
-    assert E.row_block_for(10**9, 1) == 1
+    assert metrics.row_block_for(10_000, 1024) * 10_000 * metrics.BYTES_PER_ENTRY <= 1024 * 2**20
+    assert metrics.row_block_for(10**9, 1) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,15 +261,15 @@ def test_stage_class_labels(tmp_path, ray_session):
                                     "label": pa.array(labels[named][::-1])}), labels_uri)
     cfg = _cfg(run, labels_uri, queries_per_task=5, knn_k=3)
     record = stage.run(cfg, round=0)
-    expected = E.class_label_metrics(feats[named], labels[named], categories=cats[named], k=3)
+    expected = metrics.class_label_metrics(feats[named], labels[named], categories=cats[named], k=3)
     stats = record["stats"]
     for key in ("auc", "auc_mean_roc", "auc_mean_roc_all_queries", "knn", "map", "n_queries", "skipped_queries"):
         assert stats[key] == pytest.approx(expected[key]), key
     assert set(stats["per_category"]) == {"cat_a", "cat_b"}
     assert stats["per_category"]["cat_a"]["n_queries"] == int((cats[named] == "cat_a").sum())
     out = StageDir(run, 0, "evaluate")
-    metrics = json.loads(storage.read_bytes(out.file("metrics.json")))
-    assert len(metrics["curves"]["all"]["mean_tpr"]) == 101 and metrics["protocol"]["similarity"] == "pearson"
+    result = json.loads(storage.read_bytes(out.file("metrics.json")))
+    assert len(result["curves"]["all"]["mean_tpr"]) == 101 and result["protocol"]["similarity"] == "pearson"
     for name in ("roc.png", "pr.png"):
         assert storage.read_bytes(out.file(name))[:8] == b"\x89PNG\r\n\x1a\n"
     assert stage.run(cfg, round=0)["skipped"]  # same features, labels and config: committed output kept
@@ -284,9 +284,9 @@ def test_stage_ltp_and_one_category(tmp_path, ray_session):
                                     "label": pa.array(labels)}), labels_uri)
     cfg = _cfg(run, labels_uri, category="cat_b")
     stats = stage.run(cfg, round=0, ltp_p=1, out_stage="evaluate_ltp")["stats"]
-    pooled = ltp_stack(E.pearson_normalise(feats), videos, index, 1)  # Pearson per frame, then Eq. 9
+    pooled = ltp_stack(metrics.pearson_normalise(feats), videos, index, 1)  # Pearson per frame, then Eq. 9
     b = cats == "cat_b"
-    expected = E.class_label_metrics(pooled[b], labels[b], pearson=False)
+    expected = metrics.class_label_metrics(pooled[b], labels[b], pearson=False)
     assert list(stats["per_category"]) == ["cat_b"]
     assert stats["auc"] == pytest.approx(expected["auc"]) and stats["knn"] == pytest.approx(expected["knn"])
     assert StageDir(run, 0, "evaluate_ltp").record()["config"]["ltp_p"] == 1
@@ -304,7 +304,7 @@ def test_stage_candidate_lists(tmp_path, ray_session):
                                     "positive_ids": pa.array(positives, pa.list_(pa.int64())),
                                     "negative_ids": pa.array(negatives, pa.list_(pa.int64()))}), labels_uri)
     stats = stage.run(_cfg(run, labels_uri, queries_per_task=1), round=0)["stats"]
-    expected = E.candidate_label_metrics(feats, queries, [np.array(p) for p in positives],
+    expected = metrics.candidate_label_metrics(feats, queries, [np.array(p) for p in positives],
                                          [np.array(n) for n in negatives], categories=cats[queries])
     assert stats["knn"] is None
     for key in ("auc", "auc_mean_roc", "map", "n_queries"):

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cliquecnn_ray import features as F
+from cliquecnn_ray import hog
 from cliquecnn_ray import schema, storage
 from cliquecnn_ray.config import load_config
 from cliquecnn_ray.rundir import StageDir
@@ -25,17 +25,17 @@ HOG_TOL = 1e-6  # torch vs skimage: same float64 binning, float32 cell sums as s
 def test_decode_roundtrip_crop_resize_and_colour():
     images, _ = class_images(2, 2, size=32, seed=1)
     data = [png_bytes(im) for im in images]
-    assert np.array_equal(F.decode_images(data, size=32), images)  # PNG is lossless, no resize at 32
-    crop = F.decode_images(data, bboxes=[None, [8, 4, 24, 20], None, None], size=16)
+    assert np.array_equal(hog.decode_images(data, size=32), images)  # PNG is lossless, no resize at 32
+    crop = hog.decode_images(data, bboxes=[None, [8, 4, 24, 20], None, None], size=16)
     expected = np.asarray(Image.fromarray(images[1][4:20, 8:24]))  # 16×16 crop: no resize needed
     assert np.array_equal(crop[1], expected)
-    small = F.decode_images(data, size=8)
+    small = hog.decode_images(data, size=8)
     assert small.shape == (4, 8, 8) and small.dtype == np.uint8
     rgb = np.zeros((10, 12, 3), np.uint8)
     rgb[..., 0] = 200
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG")
-    colour = F.decode_images([buf.getvalue()], size=6, grey=False)
+    colour = hog.decode_images([buf.getvalue()], size=6, grey=False)
     assert colour.shape == (1, 6, 6, 3) and abs(int(colour[0, 3, 3, 0]) - 200) < 8
 
 
@@ -46,18 +46,18 @@ def test_decode_reads_uris(tmp_path):
         path = tmp_path / f"f{i}.png"
         path.write_bytes(png_bytes(im))
         uris.append(str(path))
-    out = F.decode_images([None, png_bytes(images[1])], uris=[uris[0], None], size=16)
+    out = hog.decode_images([None, png_bytes(images[1])], uris=[uris[0], None], size=16)
     assert np.array_equal(out, images)
-    assert np.array_equal(F.decode_images(None, uris=uris, size=16), images)
+    assert np.array_equal(hog.decode_images(None, uris=uris, size=16), images)
 
 
 def test_decode_errors_name_the_frame(tmp_path):
     with pytest.raises(ValueError, match="frame_id 42: cannot decode"):
-        F.decode_images([png_bytes(np.zeros((4, 4), np.uint8)), b"not an image"], frame_ids=[41, 42])
+        hog.decode_images([png_bytes(np.zeros((4, 4), np.uint8)), b"not an image"], frame_ids=[41, 42])
     with pytest.raises(ValueError, match="frame_id 7: cannot read image"):
-        F.decode_images(None, uris=[str(tmp_path / "missing.png")], frame_ids=[7])
+        hog.decode_images(None, uris=[str(tmp_path / "missing.png")], frame_ids=[7])
     with pytest.raises(ValueError, match="frame_id 3: bbox .* is empty"):
-        F.decode_images([png_bytes(np.zeros((4, 4), np.uint8))], bboxes=[[5, 5, 9, 9]], frame_ids=[3])
+        hog.decode_images([png_bytes(np.zeros((4, 4), np.uint8))], bboxes=[[5, 5, 9, 9]], frame_ids=[3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,21 +91,21 @@ def test_hog_batch_matches_skimage(shape, orientations, cell, block):
         [rng.integers(0, 256, (6,) + shape).astype(np.uint8),
          _structured(max(shape))[:, : shape[0], : shape[1]]]
     )
-    ref = np.stack([F.hog_reference(im, orientations, cell, block) for im in images])
-    got = F.hog_batch(images, orientations, cell, block, chunk=5)  # several chunks, one partial
-    assert got.dtype == np.float32 and got.shape == ref.shape == (len(images), F.hog_dim(shape, orientations, cell, block))
+    ref = np.stack([hog.hog_reference(im, orientations, cell, block) for im in images])
+    got = hog.hog_batch(images, orientations, cell, block, chunk=5)  # several chunks, one partial
+    assert got.dtype == np.float32 and got.shape == ref.shape == (len(images), hog.hog_dim(shape, orientations, cell, block))
     assert np.abs(got - ref).max() < HOG_TOL
     # Chunks on worker threads give exactly the serial result.
-    assert np.array_equal(F.hog_batch(images, orientations, cell, block, chunk=3, threads=2), got)
+    assert np.array_equal(hog.hog_batch(images, orientations, cell, block, chunk=3, threads=2), got)
 
 
 def test_hog_batch_float_images_and_small_image_error():
     rng = np.random.default_rng(1)
     images = rng.random((4, 32, 32)).astype(np.float32) * 255
-    ref = np.stack([F.hog_reference(im) for im in images])
-    assert np.abs(F.hog_batch(images) - ref).max() < HOG_TOL
+    ref = np.stack([hog.hog_reference(im) for im in images])
+    assert np.abs(hog.hog_batch(images) - ref).max() < HOG_TOL
     with pytest.raises(ValueError, match="smaller than one block"):
-        F.hog_batch(np.zeros((1, 12, 12), np.uint8))
+        hog.hog_batch(np.zeros((1, 12, 12), np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,11 +116,11 @@ def test_whitening_is_the_lda_similarity():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 10)) @ rng.normal(size=(10, 10)) + 3.0
     lam = 0.02
-    stats = F.reduce_stats([F.whitening_stats(x[:100]), F.whitening_stats(x[100:250]), F.whitening_stats(x[250:])])
-    whole = F.whitening_stats(x)
+    stats = hog.reduce_stats([hog.whitening_stats(x[:100]), hog.whitening_stats(x[100:250]), hog.whitening_stats(x[250:])])
+    whole = hog.whitening_stats(x)
     assert stats[2] == 300 and np.allclose(stats[0], whole[0]) and np.allclose(stats[1], whole[1])
-    mu, w = F.whitening_transform(stats, lam)
-    phi = F.whiten(x, mu, w)
+    mu, w = hog.whitening_transform(stats, lam)
+    phi = hog.whiten(x, mu, w)
     # Direct numpy: (x_i − μ)ᵀ (cov + λI)⁻¹ (x_j − μ), cosine-normalised.
     centred = x - x.mean(axis=0)
     sigma = np.cov(x.T, bias=True) + lam * np.eye(10)
@@ -135,33 +135,33 @@ def test_whitening_bad_inputs():
     x = np.ones((5, 4))
     x[3, 2] = np.nan
     with pytest.raises(ValueError, match="frame_id 13 is NaN"):
-        F.whitening_stats(x, frame_ids=np.arange(10, 15))
+        hog.whitening_stats(x, frame_ids=np.arange(10, 15))
     with pytest.raises(ValueError, match="shard 1 has descriptors of length 3.*d mismatch"):
-        F.reduce_stats([F.whitening_stats(np.ones((2, 4))), F.whitening_stats(np.ones((2, 3)))])
+        hog.reduce_stats([hog.whitening_stats(np.ones((2, 4))), hog.whitening_stats(np.ones((2, 3)))])
     with pytest.raises(ValueError, match="at least 2 frames"):
-        F.whitening_transform(F.whitening_stats(np.ones((1, 4))), 0.02)
+        hog.whitening_transform(hog.whitening_stats(np.ones((1, 4))), 0.02)
     with pytest.raises(ValueError, match="not positive definite"):
-        F.whitening_transform(F.whitening_stats(np.ones((5, 4))), 0.0)
+        hog.whitening_transform(hog.whitening_stats(np.ones((5, 4))), 0.0)
 
 
 def test_blank_frames_become_zero_vectors_never_nan():
     images = np.stack([np.zeros((32, 32), np.uint8), np.full((32, 32), 90, np.uint8), class_images(1, 1)[0][0]])
     for kind in ("hog", "raw"):
-        feats, blank = F.finish(F.describe(images, kind), kind)
+        feats, blank = hog.finish(hog.describe(images, kind), kind)
         assert blank.tolist() == [True, True, False]
         assert np.isfinite(feats).all() and (feats[:2] == 0).all()
         assert abs(np.linalg.norm(feats[2]) - 1) < 1e-5
     # hog_lda: a blank frame's HOG is 0, its φ ∝ −μW is a proper direction.
-    hog = F.describe(np.concatenate([images, class_images(2, 8)[0]]), "hog_lda")
-    mu, w = F.whitening_transform(F.whitening_stats(hog), 0.02)
-    phi = F.whiten(hog, mu, w)
+    descriptors = hog.describe(np.concatenate([images, class_images(2, 8)[0]]), "hog_lda")
+    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 0.02)
+    phi = hog.whiten(descriptors, mu, w)
     assert np.isfinite(phi).all() and np.allclose(np.linalg.norm(phi, axis=1), 1.0, atol=1e-5)
 
 
 def test_raw_is_pearson_correlation():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 8, 8)).astype(np.uint8)
-    feats, _ = F.finish(F.describe(images, "raw"), "raw")
+    feats, _ = hog.finish(hog.describe(images, "raw"), "raw")
     flat = images.reshape(5, -1).astype(np.float64)
     assert np.abs(feats @ feats.T - np.corrcoef(flat)).max() < 1e-5
 
@@ -175,9 +175,9 @@ def _within_between(feats: np.ndarray, labels: np.ndarray) -> tuple[float, float
 
 def test_hog_lda_separates_classes():
     images, labels = class_images(4, 24, size=32, seed=3)
-    hog = F.describe(images, "hog_lda")
-    mu, w = F.whitening_transform(F.whitening_stats(hog), 0.02)
-    feats = F.whiten(hog, mu, w)
+    descriptors = hog.describe(images, "hog_lda")
+    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 0.02)
+    feats = hog.whiten(descriptors, mu, w)
     within, between = _within_between(feats, labels)
     assert within > between + 0.2
     # Nearest neighbour (excluding self) has the same class for nearly every frame.
@@ -213,7 +213,7 @@ def test_stage_hog_lda_end_to_end_on_s3(ray_session, s3_bucket):
     record = stage.run(cfg)
     stats = record["stats"]
     assert not record["skipped"] and stats["rows"] == 80 and stats["kind"] == "hog_lda"
-    assert stats["d"] == F.hog_dim(32) == 324 and stats["files"] >= 2 and stats["blank"] == 0
+    assert stats["d"] == hog.hog_dim(32) == 324 and stats["files"] >= 2 and stats["blank"] == 0
     # Plain pyarrow reads a plain fixed_size_list<float32>[324] (no Ray tensor extension type).
     out = StageDir(run, 0, "features")
     fs, _ = storage.resolve(run)
@@ -224,9 +224,9 @@ def test_stage_hog_lda_end_to_end_on_s3(ray_session, s3_bucket):
     ids, feats = schema.table_to_features(out.read_table())
     assert np.array_equal(ids, np.arange(80))
     # Same features as the pure functions on the same frames: sharded statistics equal one-shot ones.
-    hog = F.hog_batch(images)
-    mu, w = F.whitening_transform(F.whitening_stats(hog), 0.02)
-    assert np.abs(feats - F.whiten(hog, mu, w)).max() < 1e-4
+    descriptors = hog.hog_batch(images)
+    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 0.02)
+    assert np.abs(feats - hog.whiten(descriptors, mu, w)).max() < 1e-4
     within, between = _within_between(feats, labels)
     assert within > between + 0.2
     with np.load(io.BytesIO(storage.read_bytes(out.file("whitening.npz")))) as npz:
@@ -251,7 +251,7 @@ def test_stage_raw_with_bbox_and_blank_frame(ray_session, tmp_path):
     table = pa.concat_tables([pq.read_table(path) for path in out.files(".parquet")])  # plain pyarrow
     assert table.schema.field(schema.FEATURE).type == pa.list_(pa.float32(), 1024)
     ids, feats = schema.table_to_features(table)
-    expected, _ = F.finish(F.describe(images[:, 8:40, 8:40], "raw"), "raw")  # 32×32 crop: no resize
+    expected, _ = hog.finish(hog.describe(images[:, 8:40, 8:40], "raw"), "raw")  # 32×32 crop: no resize
     assert np.abs(feats - expected).max() < 1e-5 and (feats[4] == 0).all()
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from synthetic import class_images, commit_table, frames_table
 
-from cliquecnn_ray import model as M
+from cliquecnn_ray import network
 from cliquecnn_ray import schema, storage
 from cliquecnn_ray.config import load_config
-from cliquecnn_ray.neighbours import ltp_stack
+from cliquecnn_ray.similarity import ltp_stack
 from cliquecnn_ray.rundir import StageDir, run_stage
 
 SIZE = 24
@@ -20,12 +20,12 @@ def committed_model(run: str, round_: int = 0, in_channels: int = 1, layer: str 
     import torch
 
     torch.manual_seed(0)
-    net = M.build_model("alexnet_small", 6, SIZE, in_channels)
+    net = network.build_model("alexnet_small", 6, SIZE, in_channels)
     meta = {"name": "alexnet_small", "num_classes": 6, "input_size": SIZE, "in_channels": in_channels,
             "feature_layer": layer}
 
     def write(attempt_uri: str) -> dict:
-        storage.write_bytes(storage.join(attempt_uri, "model.pt"), M.save_model_bytes(net, meta))
+        storage.write_bytes(storage.join(attempt_uri, "model.pt"), network.save_model_bytes(net, meta))
         return {"rows": 6}
 
     run_stage(StageDir(run, round_, "model"), {"test": layer}, {}, write, force=True)
@@ -60,18 +60,18 @@ def test_impute_writes_pearson_features_and_ltp(ray_session, tmp_path):
 
     record = impute.run(cfg, 0)
     out = StageDir(run, 1, "features")
-    assert record["stats"]["rows"] == 13 and record["stats"]["d"] == M.FC_DIM and record["stats"]["ltp_p"] == 0
+    assert record["stats"]["rows"] == 13 and record["stats"]["d"] == network.FC_DIM and record["stats"]["ltp_p"] == 0
     ids, plain = schema.table_to_features(out.read_table(), source=str(out))
     assert np.array_equal(ids, np.arange(13))
     # The actors computed what extract_features + pearson_normalise give in one process.
-    ref = M.pearson_normalise(M.extract_features(net, M.to_input(_resize(images))).numpy())
+    ref = network.pearson_normalise(network.extract_features(net, network.to_input(_resize(images))).numpy())
     np.testing.assert_allclose(plain, ref[np.argsort(table.column("frame_id").to_numpy())], atol=1e-5)
     assert np.allclose(np.linalg.norm(plain, axis=1), 1, atol=1e-5) and np.allclose(plain.mean(axis=1), 0, atol=1e-6)
 
     record = impute.run(cfg_for(run, "impute.ltp_p=2"), 0)  # other config: recomputed
-    assert not record["skipped"] and record["stats"]["d"] == 5 * M.FC_DIM and record["stats"]["frame_d"] == M.FC_DIM
+    assert not record["skipped"] and record["stats"]["d"] == 5 * network.FC_DIM and record["stats"]["frame_d"] == network.FC_DIM
     ids2, pooled = schema.table_to_features(out.read_table(), source=str(out))
-    assert np.array_equal(ids2, ids) and pooled.shape == (13, 5 * M.FC_DIM)
+    assert np.array_equal(ids2, ids) and pooled.shape == (13, 5 * network.FC_DIM)
     order = np.argsort(table.column("frame_id").to_numpy())
     videos = table.column("video_id").to_numpy(zero_copy_only=False)[order]
     index = table.column("frame_index").to_numpy()[order]
@@ -94,7 +94,7 @@ def test_impute_on_s3_with_fc6(ray_session, s3_bucket):
     committed_model(run, layer="fc6")
     record = impute.run(cfg_for(run, "impute.ltp_p=1", "impute.num_actors=1"), 0)
     ids, feats = schema.table_to_features(StageDir(run, 1, "features").read_table())
-    assert record["stats"]["d"] == 3 * M.FC_DIM and feats.shape == (13, 3 * M.FC_DIM)
+    assert record["stats"]["d"] == 3 * network.FC_DIM and feats.shape == (13, 3 * network.FC_DIM)
     assert np.isfinite(feats).all()
 
 
@@ -110,7 +110,7 @@ def test_impute_needs_the_rounds_model(ray_session, tmp_path):
 
 def _resize(images: np.ndarray) -> np.ndarray:
     """The stage decodes frames at the model's input size; do the same to the reference images."""
-    from cliquecnn_ray.features import decode_images
+    from cliquecnn_ray.hog import decode_images
     from synthetic import png_bytes
 
     return decode_images([png_bytes(im) for im in images], size=SIZE, grey=True)

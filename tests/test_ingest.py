@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from cliquecnn_ray import ingest, schema, storage
+from cliquecnn_ray import schema, frame_sources, storage
 from cliquecnn_ray.config import IngestConfig, PipelineConfig
-from cliquecnn_ray.ingest import IngestError
+from cliquecnn_ray.frame_sources import IngestError
 from cliquecnn_ray.rundir import StageDir
 from cliquecnn_ray.stages import ingest as ingest_stage
 from tests.synthetic import png_bytes
@@ -53,17 +53,17 @@ def frames_of(cfg: PipelineConfig) -> pa.Table:
 
 def test_natural_sort():
     names = ["f10.png", "f2.png", "F3.png", "f1.png", "f01.png", "a.png"]
-    assert ingest.natural_sort(names) == ["a.png", "f01.png", "f1.png", "f2.png", "F3.png", "f10.png"]
-    assert ingest.natural_sort(["v10/x", "v9/x", "v9b/x"]) == ["v9/x", "v9b/x", "v10/x"]
+    assert frame_sources.natural_sort(names) == ["a.png", "f01.png", "f1.png", "f2.png", "F3.png", "f10.png"]
+    assert frame_sources.natural_sort(["v10/x", "v9/x", "v9b/x"]) == ["v9/x", "v9b/x", "v10/x"]
 
 
 def test_decode_video_stride_limit_resize(tmp_path):
     path = tmp_path / "clip.mp4"
     path.write_bytes(video_bytes(12, 32))
-    indices, images, skipped = ingest.decode_video(str(path), IngestConfig(frame_stride=5))
+    indices, images, skipped = frame_sources.decode_video(str(path), IngestConfig(frame_stride=5))
     assert indices == [0, 5, 10] and skipped == []  # original decode indices: gaps keep temporal distance
     assert Image.open(io.BytesIO(images[0])).size == (32, 32)
-    indices, images, _ = ingest.decode_video(str(path), IngestConfig(frame_stride=5, max_frames=2, resize_to=16,
+    indices, images, _ = frame_sources.decode_video(str(path), IngestConfig(frame_stride=5, max_frames=2, resize_to=16,
                                                                      image_format="jpeg"))
     assert indices == [0, 5]
     decoded = Image.open(io.BytesIO(images[1]))
@@ -81,7 +81,7 @@ def test_decode_video_stride_limit_resize(tmp_path):
 )
 def test_bad_config_named(kwargs, message):
     with pytest.raises(IngestError, match=message):
-        ingest.check_config(IngestConfig(**kwargs))
+        frame_sources.check_config(IngestConfig(**kwargs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def _write_sources(base: str, tree: bool):
                 data = buf.getvalue()
             parts = [cats[g], g, name] if tree else [g, name]
             storage.write_bytes(storage.join(folder, *parts), data)
-            originals[(g, sorted(names, key=lambda n: ingest.natural_key(n)).index(name))] = data
+            originals[(g, sorted(names, key=lambda n: frame_sources.natural_key(n)).index(name))] = data
     storage.write_bytes(storage.join(folder, "README.txt"), b"not a frame")  # ignored, and said so in the log
     table = pa.table({
         "clip": ["p1", "p1", "p0", "p0"],

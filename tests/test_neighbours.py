@@ -10,17 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cliquecnn_ray import neighbours as nb
+from cliquecnn_ray import similarity
 from cliquecnn_ray import rundir, schema, storage
 from cliquecnn_ray.config import NeighboursConfig, PipelineConfig, ResourcesConfig
 from tests import synthetic
 
 
-def concat(parts: list[nb.Extremes]) -> nb.Extremes:
-    return nb.Extremes(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+def concat(parts: list[similarity.Extremes]) -> similarity.Extremes:
+    return similarity.Extremes(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
 
 
-def assert_same(got: nb.Extremes, ref: nb.Extremes) -> None:
+def assert_same(got: similarity.Extremes, ref: similarity.Extremes) -> None:
     """Ids identical (seeded data without near-ties), sims to 1e-5."""
     np.testing.assert_array_equal(got.nn_ids, ref.nn_ids)
     np.testing.assert_array_equal(got.far_ids, ref.far_ids)
@@ -43,7 +43,7 @@ def test_hand_checkable_ranking():
     angles = np.deg2rad([0.0, 10.0, 90.0, 180.0])
     feats = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
     ids = np.array([10, 11, 12, 13])
-    ext = nb.block_extremes(feats, ids, feats, ids, k=2, col_block=3)
+    ext = similarity.block_extremes(feats, ids, feats, ids, k=2, col_block=3)
     np.testing.assert_array_equal(ext.nn_ids[0], [11, 12])
     np.testing.assert_array_equal(ext.far_ids[0], [13, 12])
     np.testing.assert_allclose(ext.nn_sims[0], [np.cos(np.deg2rad(10)), 0.0], atol=1e-6)
@@ -58,10 +58,10 @@ def test_hand_checkable_ranking():
 )
 def test_sharded_equals_exact(bank, k, row_block, col_block, tile_rows):
     feats, ids = bank
-    ref = nb.exact_extremes(feats, ids, k)
+    ref = similarity.exact_extremes(feats, ids, k)
     assert ref.k == min(k, len(ids) - 1)
     parts = [
-        nb.block_extremes(feats[s : s + row_block], ids[s : s + row_block], feats, ids, k, col_block, tile_rows)
+        similarity.block_extremes(feats[s : s + row_block], ids[s : s + row_block], feats, ids, k, col_block, tile_rows)
         for s in range(0, len(ids), row_block)
     ]
     got = concat(parts)
@@ -78,14 +78,14 @@ def test_tiles_merged_equal_exact(bank):
     cuts = [0, 30, 31, 150, len(ids)]  # a shard of one column, which holds some rows' self
     merged = None
     for c0, c1 in zip(cuts[:-1], cuts[1:]):
-        part = nb.tile_extremes(sims[:, c0:c1].astype(np.float32), ids[c0:c1], k, row_ids=ids)
-        merged = part if merged is None else nb.merge_extremes(merged, part, k)
-    assert_same(merged, nb.exact_extremes(feats, ids, k))
+        part = similarity.tile_extremes(sims[:, c0:c1].astype(np.float32), ids[c0:c1], k, row_ids=ids)
+        merged = part if merged is None else similarity.merge_extremes(merged, part, k)
+    assert_same(merged, similarity.exact_extremes(feats, ids, k))
 
 
 def test_tile_extremes_pads_rows_short_of_candidates():
     sims = np.array([[0.0, 0.5, -0.5], [0.2, 0.9, 0.1]], dtype=np.float32)
-    ext = nb.tile_extremes(sims, np.array([7, 8, 9]), k=3, row_ids=np.array([7, 1]))
+    ext = similarity.tile_extremes(sims, np.array([7, 8, 9]), k=3, row_ids=np.array([7, 1]))
     np.testing.assert_array_equal(ext.nn_ids, [[8, 9, -1], [8, 7, 9]])  # row 0 is id 7: self is padding
     np.testing.assert_array_equal(ext.nn_sims[0, :2], [0.5, -0.5])
     assert ext.nn_sims[0, 2] == -np.inf and ext.far_sims[0, 2] == np.inf
@@ -95,7 +95,7 @@ def test_tile_extremes_pads_rows_short_of_candidates():
 def test_queries_outside_the_database_keep_k(bank):
     feats, ids = bank
     queries, qids = feats[:5] + 0.01, np.arange(1000, 1005)
-    ext = nb.block_extremes(queries, qids, feats, ids, k=len(ids), col_block=50)
+    ext = similarity.block_extremes(queries, qids, feats, ids, k=len(ids), col_block=50)
     assert ext.k == len(ids)  # nobody is excluded: all N database items, both ways
     s = queries.astype(np.float64) @ feats.T.astype(np.float64)
     np.testing.assert_array_equal(ext.nn_ids, ids[np.argsort(-s, axis=1)])
@@ -104,10 +104,10 @@ def test_queries_outside_the_database_keep_k(bank):
 def test_block_extremes_bad_input(bank):
     feats, ids = bank
     with pytest.raises(ValueError, match="d mismatch"):
-        nb.block_extremes(feats[:3, :8], ids[:3], feats, ids, 5)
+        similarity.block_extremes(feats[:3, :8], ids[:3], feats, ids, 5)
     with pytest.raises(ValueError, match="ids"):
-        nb.block_extremes(feats[:3], ids[:2], feats, ids, 5)
-    one = nb.block_extremes(feats[:1], ids[:1], feats[:1], ids[:1], 5)  # one frame: nothing to rank
+        similarity.block_extremes(feats[:3], ids[:2], feats, ids, 5)
+    one = similarity.block_extremes(feats[:1], ids[:1], feats[:1], ids[:1], 5)  # one frame: nothing to rank
     assert one.nn_ids.shape == (1, 0) and one.far_sims.shape == (1, 0)
 
 
@@ -115,8 +115,8 @@ def test_block_extremes_bad_input(bank):
 def test_gpu_half_precision_close_to_exact(bank):
     feats, ids = bank
     t = torch.as_tensor(feats, device="cuda")
-    ext = nb.block_extremes(t[:100], ids[:100], t, ids, 10, col_block=64)
-    ref = nb.exact_extremes(feats, ids, 10)
+    ext = similarity.block_extremes(t[:100], ids[:100], t, ids, 10, col_block=64)
+    ref = similarity.exact_extremes(feats, ids, 10)
     np.testing.assert_allclose(ext.nn_sims, ref.nn_sims[:100], atol=2e-3)
     assert np.mean(ext.nn_ids == ref.nn_ids[:100]) > 0.9  # fp16 may swap near-ties
 
@@ -153,7 +153,7 @@ def test_ltp_equals_eq9(p):
     feats = rng.normal(size=(11, 4)).astype(np.float32)
     perm = rng.permutation(11)
     videos, index, feats = videos[perm], index[perm], feats[perm]
-    stacked = nb.ltp_stack(feats, videos, index, p)
+    stacked = similarity.ltp_stack(feats, videos, index, p)
     assert stacked.shape == (11, (2 * p + 1) * 4) and stacked.dtype == np.float32
     np.testing.assert_allclose(stacked.astype(np.float64) @ stacked.T, eq9_direct(feats, videos, index, p), atol=1e-5)
 
@@ -161,31 +161,31 @@ def test_ltp_equals_eq9(p):
 def test_ltp_window_contents():
     """p = 1 on a 3-frame video [x0, x1, x2]: frame 0's window is [x0, x0, x1] / √3 (clamped)."""
     feats = np.array([[1.0], [2.0], [3.0]], dtype=np.float32)
-    out = nb.ltp_stack(feats, ["v", "v", "v"], [0, 1, 2], 1) * np.sqrt(3)
+    out = similarity.ltp_stack(feats, ["v", "v", "v"], [0, 1, 2], 1) * np.sqrt(3)
     np.testing.assert_allclose(out, [[1, 1, 2], [1, 2, 3], [2, 3, 3]], rtol=1e-6)
-    assert nb.ltp_stack(feats, ["v"] * 3, [0, 1, 2], 0) is not None
-    np.testing.assert_array_equal(nb.ltp_stack(feats, ["v"] * 3, [0, 1, 2], 0), feats)
+    assert similarity.ltp_stack(feats, ["v"] * 3, [0, 1, 2], 0) is not None
+    np.testing.assert_array_equal(similarity.ltp_stack(feats, ["v"] * 3, [0, 1, 2], 0), feats)
 
 
 def test_ltp_normalised_features_stay_normalised_and_bad_input():
     feats, _ = synthetic.clustered_features(2, 5, 8, seed=1)
-    out = nb.ltp_stack(feats, ["a"] * 6 + ["b"] * 4, list(range(6)) + list(range(4)), 3)
+    out = similarity.ltp_stack(feats, ["a"] * 6 + ["b"] * 4, list(range(6)) + list(range(4)), 3)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="frame_index 3 twice"):
-        nb.ltp_stack(feats[:3], ["a", "a", "a"], [1, 3, 3], 1)
+        similarity.ltp_stack(feats[:3], ["a", "a", "a"], [1, 3, 3], 1)
     with pytest.raises(ValueError, match="p must be"):
-        nb.ltp_stack(feats, ["a"] * 10, range(10), -1)
+        similarity.ltp_stack(feats, ["a"] * 10, range(10), -1)
 
 
 def test_ltp_features_joins_the_frames_table():
     feats = np.arange(4, dtype=np.float32).reshape(4, 1)
     frames = pa.table({"frame_id": [3, 1, 2, 0], "video_id": ["v"] * 4, "frame_index": [3, 1, 2, 0]})
     ids = np.array([2, 0, 3, 1])  # features of frames 2, 0, 3, 1 (so frame i is feats[ids == i])
-    out = nb.ltp_features(ids, feats, frames, 1) * np.sqrt(3)
+    out = similarity.ltp_features(ids, feats, frames, 1) * np.sqrt(3)
     # frame 2 (row 0): window frames 1, 2, 3 → features 3, 0, 2
     np.testing.assert_allclose(out[0], [3, 0, 2])
     with pytest.raises(schema.SchemaError, match="frame_id 7"):
-        nb.ltp_features(np.array([7]), feats[:1], frames, 1)
+        similarity.ltp_features(np.array([7]), feats[:1], frames, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,13 +194,13 @@ def test_ltp_features_joins_the_frames_table():
 
 def test_table_round_trips_through_plain_pyarrow(tmp_path, bank):
     feats, ids = bank
-    ext = nb.block_extremes(feats, ids, feats, ids, 6)
-    table = nb.extremes_to_table(ids, ext)
+    ext = similarity.block_extremes(feats, ids, feats, ids, 6)
+    table = similarity.extremes_to_table(ids, ext)
     assert table.schema.equals(schema.NEIGHBOURS)
     pq.write_table(table, tmp_path / "n.parquet")
     back = pq.read_table(tmp_path / "n.parquet")
     assert back.column("nn_ids").to_pylist()[0] == ext.nn_ids[0].tolist()
-    got_ids, got = nb.table_to_extremes(back)
+    got_ids, got = similarity.table_to_extremes(back)
     order = np.argsort(ids)
     np.testing.assert_array_equal(got_ids, ids[order])
     for a, b in zip(got, ext):
@@ -217,7 +217,7 @@ def test_table_to_extremes_pads_short_lists():
             "far_sims": pa.array([[0.5], [0.1, 0.5]], pa.list_(pa.float32())),
         }
     )
-    ids, ext = nb.table_to_extremes(table)
+    ids, ext = similarity.table_to_extremes(table)
     np.testing.assert_array_equal(ids, [0, 1])
     np.testing.assert_array_equal(ext.nn_ids, [[1, 2], [0, -1]])
     assert ext.nn_sims[1, 1] == -np.inf and ext.far_sims[1, 1] == np.inf
@@ -275,13 +275,13 @@ def test_stage_equals_exact_per_category(ray_session, tmp_path, cpus_per_task, r
 
     table = rundir.StageDir(run, 0, "neighbours").read_table()
     assert table.schema.equals(schema.NEIGHBOURS)
-    ids, ext = nb.table_to_extremes(table)
+    ids, ext = similarity.table_to_extremes(table)
     np.testing.assert_array_equal(ids, np.arange(150))
     cats = np.array(cats)
     for cat in ("a", "b", "tiny"):
         members = np.flatnonzero(cats == cat)
-        ref = nb.exact_extremes(feats[members], members, 8)
-        got = nb.Extremes(*(a[members][:, : ref.k] for a in ext))
+        ref = similarity.exact_extremes(feats[members], members, 8)
+        got = similarity.Extremes(*(a[members][:, : ref.k] for a in ext))
         assert_same(got, ref)
         assert np.isin(got.nn_ids, members).all()  # never across categories
     assert stage.run(cfg, round=0)["skipped"]  # same config and inputs: committed output kept
@@ -295,8 +295,8 @@ def test_stage_across_categories(ray_session, tmp_path):
     make_run(run, feats, ["x"] * 30 + ["y"] * 30)
     record = stage.run(stage_cfg(run, k=5, row_block=25, across_categories=True))
     assert record["stats"]["categories"] == 1
-    ids, ext = nb.table_to_extremes(rundir.StageDir(run, 0, "neighbours").read_table())
-    assert_same(ext, nb.exact_extremes(feats, np.arange(60), 5))
+    ids, ext = similarity.table_to_extremes(rundir.StageDir(run, 0, "neighbours").read_table())
+    assert_same(ext, similarity.exact_extremes(feats, np.arange(60), 5))
 
 
 def test_stage_bad_inputs(ray_session, tmp_path):

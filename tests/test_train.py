@@ -13,9 +13,9 @@ from synthetic import class_images, commit_table, frames_table
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from cliquecnn_ray import model as M
+from cliquecnn_ray import network
 from cliquecnn_ray import schema, storage
-from cliquecnn_ray import train as T
+from cliquecnn_ray import training
 from cliquecnn_ray.config import load_config
 from cliquecnn_ray.rundir import StageDir
 
@@ -37,7 +37,7 @@ def test_masked_loss_equals_cross_entropy_over_the_batch_logits():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0], [0.1, 0.2, -0.3, 5.0, 1.0]])
     batch = torch.tensor([0, 2, 4])  # r = 3 cliques of K = 5; logit 3 (large) must not count
     targets = torch.tensor([2, 4])
-    loss = T.masked_cross_entropy(logits, targets, batch)
+    loss = training.masked_cross_entropy(logits, targets, batch)
     # By hand: row 0 softmax over (2.0, 0.5, 0.0) at 0.5; row 1 over (0.1, -0.3, 1.0) at 1.0.
     row0 = -(0.5 - math.log(math.exp(2.0) + math.exp(0.5) + math.exp(0.0)))
     row1 = -(1.0 - math.log(math.exp(0.1) + math.exp(-0.3) + math.exp(1.0)))
@@ -46,7 +46,7 @@ def test_masked_loss_equals_cross_entropy_over_the_batch_logits():
     assert loss.item() == pytest.approx(sub.item(), rel=1e-6)
     # Gradients reach only the batch's logits.
     logits.requires_grad_(True)
-    T.masked_cross_entropy(logits, targets, batch).backward()
+    training.masked_cross_entropy(logits, targets, batch).backward()
     assert torch.all(logits.grad[:, [1, 3]] == 0) and torch.all(logits.grad[:, [0, 2, 4]] != 0)
 
 
@@ -54,7 +54,7 @@ def test_sampler_draws_only_frames_of_the_batch_cliques_with_their_targets():
     clique_rows = [np.arange(0, 5), np.arange(5, 8), np.arange(8, 20), np.arange(20, 22), np.arange(22, 30)]
     batches = np.array([[0, 2], [1, 3], [4, 0]])
     owner = np.concatenate([np.full(len(r), k) for k, r in enumerate(clique_rows)])
-    sampler = T.CliqueBatchSampler(batches, clique_rows, images_per_step=16, seed=3)
+    sampler = training.CliqueBatchSampler(batches, clique_rows, images_per_step=16, seed=3)
     chosen = set()
     for step in range(30):
         rows, targets, batch = sampler.draw(step)
@@ -66,19 +66,19 @@ def test_sampler_draws_only_frames_of_the_batch_cliques_with_their_targets():
         assert counts.min() == counts.max() == 8  # M spread evenly over the r cliques
     assert len(chosen) == 3  # every batch gets picked
     # Stateless: a step is the same whenever it is drawn; workers share x_b and draw their own images.
-    a, b = sampler.draw(7), T.CliqueBatchSampler(batches, clique_rows, 16, seed=3).draw(7)
+    a, b = sampler.draw(7), training.CliqueBatchSampler(batches, clique_rows, 16, seed=3).draw(7)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     r0, t0, b0 = sampler.draw(7, rank=0, world_size=2)
     r1, t1, b1 = sampler.draw(7, rank=1, world_size=2)
     assert len(r0) == len(r1) == 8 and np.array_equal(b0, b1) and not np.array_equal(r0, r1)
     with pytest.raises(ValueError, match="batch 1 names clique index 9"):
-        T.CliqueBatchSampler(np.array([[0, 1], [9, 0]]), clique_rows, 4)
+        training.CliqueBatchSampler(np.array([[0, 1], [9, 0]]), clique_rows, 4)
 
 
 def test_unbalanced_sampler_draws_frames_uniformly_over_the_training_list():
     """balanced=False (the paper's NN-CNN): each clique's share of the images is its share of the frames."""
     clique_rows = [np.arange(0, 10), np.arange(10, 100), np.arange(100, 130)]  # 10 : 90 : 30 frames
-    sampler = T.CliqueBatchSampler(np.array([[0, 1, 2]]), clique_rows, images_per_step=128, seed=5, balanced=False)
+    sampler = training.CliqueBatchSampler(np.array([[0, 1, 2]]), clique_rows, images_per_step=128, seed=5, balanced=False)
     owner = np.concatenate([np.full(len(r), k) for k, r in enumerate(clique_rows)])
     draws = [sampler.draw(step) for step in range(200)]
     for rows, targets, _ in draws:
@@ -104,88 +104,88 @@ def test_augmentation_is_torchvision_v2_per_image():
     angle = torch.tensor([0.0, 17.0, -33.0])
     shift = torch.tensor([[0.0, 0.0], [2.5, -1.0], [-3.0, 4.0]])
     scale = torch.tensor([1.0, 0.8, 1.2])
-    warped = T.affine_batch(x, angle, shift, scale)
+    warped = training.affine_batch(x, angle, shift, scale)
     bright, contrast = torch.tensor([0.7, 1.0, 1.3]), torch.tensor([1.2, 0.5, 0.9])
-    coloured = T.colour_batch(x, bright, contrast)
+    coloured = training.colour_batch(x, bright, contrast)
     for i in range(3):
         ref = TF.affine(x[i], angle=float(angle[i]), translate=shift[i].tolist(), scale=float(scale[i]),
                         shear=[0.0, 0.0], interpolation=InterpolationMode.BILINEAR)
         torch.testing.assert_close(warped[i], ref, atol=1e-5, rtol=0)
         ref = TF.adjust_contrast(TF.adjust_brightness(x[i], float(bright[i])), float(contrast[i]))
         torch.testing.assert_close(coloured[i], ref, atol=1e-6, rtol=0)
-    out = T.augment(x, torch.Generator().manual_seed(1))
+    out = training.augment(x, torch.Generator().manual_seed(1))
     assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
     assert not torch.allclose(out[0], out[1] * 0 + out[0].mean())  # not degenerate
-    assert torch.equal(out, T.augment(x, torch.Generator().manual_seed(1)))  # seeded
+    assert torch.equal(out, training.augment(x, torch.Generator().manual_seed(1)))  # seeded
 
 
 def test_build_model_and_features():
-    net = M.build_model("alexnet_small", num_classes=7, input_size=28, in_channels=1)
+    net = network.build_model("alexnet_small", num_classes=7, input_size=28, in_channels=1)
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
-    assert net(M.to_input(images)).shape == (5, 7)
-    fc7 = M.extract_features(net, images, "fc7")
-    fc6 = M.extract_features(net, images, "fc6")
-    assert fc7.shape == (5, M.FC_DIM) and fc6.shape == (5, M.FC_DIM) and (fc7 >= 0).all()  # post-ReLU
+    assert net(network.to_input(images)).shape == (5, 7)
+    fc7 = network.extract_features(net, images, "fc7")
+    fc6 = network.extract_features(net, images, "fc6")
+    assert fc7.shape == (5, network.FC_DIM) and fc6.shape == (5, network.FC_DIM) and (fc7 >= 0).all()  # post-ReLU
     assert net.training  # extract_features runs in eval mode and restores the mode it found
     # fc7 is exactly what the head sees; pool5 is the flattened convolution map that fc6 takes.
     net.eval()
-    assert torch.allclose(net.head(fc7), net(M.to_input(images)), atol=1e-5)
-    pool5 = M.extract_features(net, images, "pool5")
-    assert torch.allclose(pool5, net.features(M.to_input(images)), atol=1e-6) and pool5.shape == (5, 128 * 16)
+    assert torch.allclose(net.head(fc7), net(network.to_input(images)), atol=1e-5)
+    pool5 = network.extract_features(net, images, "pool5")
+    assert torch.allclose(pool5, net.features(network.to_input(images)), atol=1e-6) and pool5.shape == (5, 128 * 16)
     assert torch.allclose(torch.relu(net.fc6(pool5)), fc6, atol=1e-5)
     with pytest.raises(ValueError, match="'pool9' is not pool5, fc6, fc7"):
-        M.extract_features(net, images, "pool9")
-    rgb = M.build_model("resnet18", num_classes=3, input_size=32, in_channels=3)
-    feats = M.extract_features(rgb, np.zeros((2, 32, 32, 3), np.uint8) + 100)
-    assert feats.shape == (2, 512) and M.head_name(rgb).endswith("fc")
+        network.extract_features(net, images, "pool9")
+    rgb = network.build_model("resnet18", num_classes=3, input_size=32, in_channels=3)
+    feats = network.extract_features(rgb, np.zeros((2, 32, 32, 3), np.uint8) + 100)
+    assert feats.shape == (2, 512) and network.head_name(rgb).endswith("fc")
     with pytest.raises(ValueError, match="alexnet.*cannot take 32×32"):
-        M.build_model("alexnet", 4, 32, 1)
+        network.build_model("alexnet", 4, 32, 1)
     with pytest.raises(ValueError, match="unknown model 'nosuchnet'"):
-        M.build_model("nosuchnet", 4, 32, 1)
-    p = M.pearson_normalise(np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))
+        network.build_model("nosuchnet", 4, 32, 1)
+    p = network.pearson_normalise(np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))
     assert np.allclose(p[0], np.array([-1, 0, 1]) / math.sqrt(2)) and np.allclose(p[1], 0)
 
 
 def test_model_file_round_trip_and_backbone_loading():
-    a = M.build_model("alexnet_small", 5, 32, 1)
+    a = network.build_model("alexnet_small", 5, 32, 1)
     meta = {"name": "alexnet_small", "num_classes": 5, "input_size": 32, "in_channels": 1, "feature_layer": "fc7"}
-    b, meta_b = M.load_model_bytes(M.save_model_bytes(a, meta))
+    b, meta_b = network.load_model_bytes(network.save_model_bytes(a, meta))
     assert meta_b == meta
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
-    c = M.build_model("alexnet_small", 9, 32, 1)  # next round: K differs
-    info = M.load_backbone(c, a.state_dict())
+    c = network.build_model("alexnet_small", 9, 32, 1)  # next round: K differs
+    info = network.load_backbone(c, a.state_dict())
     assert info["skipped"] == ["head.bias", "head.weight"]
     assert torch.equal(c.fc7.weight, a.fc7.weight) and torch.equal(c.features[1].weight, a.features[1].weight)
-    d = M.build_model("alexnet_small", 5, 32, 1)  # same K: the head is still fresh (new cliques)
-    M.load_backbone(d, a.state_dict())
+    d = network.build_model("alexnet_small", 5, 32, 1)  # same K: the head is still fresh (new cliques)
+    network.load_backbone(d, a.state_dict())
     assert not torch.equal(d.head.weight, a.head.weight)
 
 
-def planted_task() -> tuple[torch.Tensor, T.CliqueBatchSampler, torch.nn.Module]:
+def planted_task() -> tuple[torch.Tensor, training.CliqueBatchSampler, torch.nn.Module]:
     """4 cliques of 12 synthetic images (one batch of all 4) and a fresh 16 px network."""
     images, labels = class_images(n_classes=4, per_class=12, size=16, seed=0)
     rows = [np.flatnonzero(labels == c) for c in range(4)]
-    sampler = T.CliqueBatchSampler(np.array([[0, 1, 2, 3]]), rows, images_per_step=16, seed=0)
+    sampler = training.CliqueBatchSampler(np.array([[0, 1, 2, 3]]), rows, images_per_step=16, seed=0)
     torch.manual_seed(0)
-    return torch.from_numpy(images)[:, None], sampler, M.build_model("alexnet_small", 4, 16, 1)
+    return torch.from_numpy(images)[:, None], sampler, network.build_model("alexnet_small", 4, 16, 1)
 
 
 def test_a_few_steps_on_a_planted_task_reduce_the_loss(one_thread):
     x, sampler, net = planted_task()
-    opt = T.make_optimizer(net.parameters(), "adagrad", lr=0.001)
-    losses = T.run_steps(net, opt, x, sampler, 0, 24)
+    opt = training.make_optimizer(net.parameters(), "adagrad", lr=0.001)
+    losses = training.run_steps(net, opt, x, sampler, 0, 24)
     assert losses[0] == pytest.approx(math.log(4), abs=0.3)  # chance over the r = 4 cliques
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
 
 
 def test_head_warmup_moves_only_the_head_first(one_thread):
     x, sampler, net = planted_task()
-    groups = T.head_param_groups(net)
+    groups = training.head_param_groups(net)
     assert [len(g["params"]) for g in groups] == [len(list(net.parameters())) - 2, 2]  # head weight + bias
-    opt = T.make_optimizer(groups, "adagrad", lr=0.001, weight_decay=5e-4)
-    warm = T.HeadWarmup(steps=3, lr=0.01, base_lr=0.001)
+    opt = training.make_optimizer(groups, "adagrad", lr=0.001, weight_decay=5e-4)
+    warm = training.HeadWarmup(steps=3, lr=0.01, base_lr=0.001)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    T.run_steps(net, opt, x, sampler, 0, 3, head_warmup=warm)
+    training.run_steps(net, opt, x, sampler, 0, 3, head_warmup=warm)
     after = net.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert {"head.weight", "head.bias"} <= moved
@@ -193,7 +193,7 @@ def test_head_warmup_moves_only_the_head_first(one_thread):
     assert all(k.startswith("head.") or "running_" in k or "num_batches" in k for k in moved)
     assert all(opt.state[p]["sum"].abs().sum() == 0 for p in groups[0]["params"] if p in opt.state)
     assert opt.param_groups[1]["lr"] == 0.01
-    T.run_steps(net, opt, x, sampler, 3, 4, head_warmup=warm)
+    training.run_steps(net, opt, x, sampler, 3, 4, head_warmup=warm)
     assert not torch.equal(before["features.1.weight"], net.state_dict()["features.1.weight"])
     assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == 0.001
 
@@ -239,7 +239,7 @@ def tiny_cfg(run: str, *overrides: str):
 
 def _load_state(run: str, round_: int):
     out = StageDir(run, round_, "model")
-    return M.load_model_bytes(storage.read_bytes(out.file("model.pt")))
+    return network.load_model_bytes(storage.read_bytes(out.file("model.pt")))
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +267,7 @@ def test_train_stage_commits_model_pt(trained):
     assert meta["num_classes"] == 8 and meta["clique_ids"] == list(range(100, 108))
     assert (meta["input_size"], meta["in_channels"], meta["feature_layer"]) == (SIZE, 1, "fc7")
     images = class_images(CLASSES, PER_CLASS, SIZE, seed=0)[0]
-    assert M.extract_features(net, images).shape == (32, M.FC_DIM)
+    assert network.extract_features(net, images).shape == (32, network.FC_DIM)
     assert not storage.exists(storage.join(StageDir(run, 0, "model").uri, "_ray_train"))  # cleaned up
     assert stage.run(cfg, 0)["skipped"]  # same config and inputs: nothing to do
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from .. import batches as BT
+from .. import cccp
 from .. import figures, schema, storage
 from ..config import PipelineConfig, to_dict
 from ..rundir import StageDir, run_stage
@@ -65,10 +65,10 @@ def load_cliques(cliques_dir: StageDir) -> dict[str, dict]:
         rows = rows[np.argsort(ids[rows], kind="stable")]
         cids = ids[rows].astype(np.int32)
         if cat not in sims:
-            raise BT.BatchesError(f"category {cat!r}: the cliques stage has no clique similarity S' for it")
+            raise cccp.BatchesError(f"category {cat!r}: the cliques stage has no clique similarity S' for it")
         sim_ids, S = sims[cat]
         if not np.array_equal(np.asarray(sim_ids), cids):
-            raise BT.BatchesError(f"category {cat!r}: S' covers clique ids {list(sim_ids[:5])}…, the cliques "
+            raise cccp.BatchesError(f"category {cat!r}: S' covers clique ids {list(sim_ids[:5])}…, the cliques "
                                   f"table {list(cids[:5])}… ({len(sim_ids)} vs {len(cids)} cliques)")
         out[cat] = {
             "clique_ids": cids,
@@ -93,7 +93,7 @@ def _frame_ids(frames_dir: StageDir) -> np.ndarray:
 
 def mosaic_png(frames_dir: StageDir, clique_frames: list[np.ndarray]) -> bytes:
     """The mosaic of one batch: ``clique_frames`` (r arrays of frame ids) → PNG bytes."""
-    from ..features import decode_images
+    from ..hog import decode_images
 
     wanted = np.unique(np.concatenate(clique_frames))
     table = _read_frames(frames_dir, wanted, [schema.FRAME_ID, schema.IMAGE, schema.URI, schema.BBOX])
@@ -121,8 +121,8 @@ def _finite(obj):
     return obj
 
 
-def _restart_task(prob: BT.Problem, seed: int, solver: str, iters: int, tol: float, lambda3_start: float) -> dict:
-    return BT.solve_restart(prob, seed, solver, iters, tol, lambda3_start, threads=1)
+def _restart_task(prob: cccp.Problem, seed: int, solver: str, iters: int, tol: float, lambda3_start: float) -> dict:
+    return cccp.solve_restart(prob, seed, solver, iters, tol, lambda3_start, threads=1)
 
 
 def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # noqa: A002 (stage API)
@@ -133,9 +133,9 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
     bc = cfg.batches
     config = {"batches": to_dict(bc)}
     if bc.solver not in ("fast", "exact"):
-        raise BT.BatchesError(f"batches.solver = {bc.solver!r}; use 'fast' or 'exact'")
+        raise cccp.BatchesError(f"batches.solver = {bc.solver!r}; use 'fast' or 'exact'")
     if bc.restarts < 1:
-        raise BT.BatchesError(f"batches.restarts = {bc.restarts}; it must be at least 1")
+        raise cccp.BatchesError(f"batches.restarts = {bc.restarts}; it must be at least 1")
 
     def compute(attempt_uri: str) -> dict:
         import ray
@@ -145,12 +145,12 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
         task = ray.remote(num_cpus=cfg.resources.cpus_per_task)(_restart_task)
         pending = {}
         for cat, data in categories.items():
-            BT.validate_inputs(data["S"], data["frames"], bc.num_batches, bc.cliques_per_batch, cat,
+            cccp.validate_inputs(data["S"], data["frames"], bc.num_batches, bc.cliques_per_batch, cat,
                                clique_ids=data["clique_ids"], known_frames=known)
-            prob = BT.make_problem(data["S"], data["frames"], bc.num_batches, bc.cliques_per_batch, bc.p,
+            prob = cccp.make_problem(data["S"], data["frames"], bc.num_batches, bc.cliques_per_batch, bc.p,
                                    (bc.lambda1, bc.lambda2, bc.lambda3), category=cat)
             prob_ref = ray.put(prob)
-            seeds = [BT.restart_seed(bc.seed, cat, i) for i in range(bc.restarts)]
+            seeds = [cccp.restart_seed(bc.seed, cat, i) for i in range(bc.restarts)]
             pending[cat] = (prob, [task.remote(prob_ref, s, bc.solver, bc.cccp_iters, bc.cccp_tol, bc.lambda3_start)
                                    for s in seeds])
             log.info("batches: category %r: K=%d cliques, %d frames in M=%d patterns, B=%d, r=%d, %d restarts",
@@ -159,8 +159,8 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
         batch_rows, per_category = [], {}
         for cat, (prob, refs) in pending.items():
             results = ray.get(refs)
-            best = BT.best_restart(results)
-            stats = BT.batch_stats(best["batches"], prob, best["X"], seed=bc.seed)
+            best = cccp.best_restart(results)
+            stats = cccp.batch_stats(best["batches"], prob, best["X"], seed=bc.seed)
             stats.update({
                 "solver": best["solver"],
                 "fallback": best["fallback"],
@@ -181,7 +181,7 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
                      stats["binary_fraction"])
 
         if not batch_rows:
-            raise BT.BatchesError(f"{cliques_dir}: the cliques table has no cliques")
+            raise cccp.BatchesError(f"{cliques_dir}: the cliques table has no cliques")
         cats = [c for c, b in batch_rows for _ in range(len(b))]
         lists = [row.astype(np.int32) for _, b in batch_rows for row in b]
         table = pa.table(

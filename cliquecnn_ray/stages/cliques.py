@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import cliques as C
+from .. import linkage
 from .. import schema, storage
 from ..config import PipelineConfig, to_dict
 from ..rundir import StageDir, run_stage
@@ -203,7 +203,7 @@ def category_arrays(data: dict, category: str, cfg: PipelineConfig) -> dict:
     frames = data["frame_ids"][data["category"][data["frame_ids"]] == category]
     n = len(frames)
     if n < cfg.cliques.min_size:
-        raise C.CliqueError(
+        raise linkage.CliqueError(
             f"category {category!r} has {n} frames, fewer than cliques.min_size={cfg.cliques.min_size}"
         )
     rows = data["feature_row"][frames]
@@ -224,7 +224,7 @@ def category_arrays(data: dict, category: str, cfg: PipelineConfig) -> dict:
     if len(candidates) < n:
         log.warning("cliques: category %r: %d of %d frames have no neighbours row and seed no clique",
                     category, n - len(candidates), n)
-    pick = C.choose_seeds(len(candidates), cfg.cliques.max_seeds, [cfg.seed, zlib.crc32(category.encode())])
+    pick = linkage.choose_seeds(len(candidates), cfg.cliques.max_seeds, [cfg.seed, zlib.crc32(category.encode())])
     return {
         "frames": frames,
         "features": np.ascontiguousarray(data["features"][rows], dtype=np.float32),
@@ -249,13 +249,13 @@ def _unpack(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
 
 
 def _seed_task(seeds, nn, features, video, cliques_cfg):
-    return _pack(C.seed_cliques(seeds, nn, features, video, cliques_cfg))
+    return _pack(linkage.seed_cliques(seeds, nn, features, video, cliques_cfg))
 
 
 def _finish_task(features, video, cliques_cfg, category, seed, *packed):
     seed_cliques = [c for flat, offsets in packed for c in _unpack(flat, offsets)]
-    cliques, comp, sim = C.finish_category(seed_cliques, features, video, cliques_cfg, category, seed)
-    stats = C.category_stats(cliques, comp, video)
+    cliques, comp, sim = linkage.finish_category(seed_cliques, features, video, cliques_cfg, category, seed)
+    stats = linkage.category_stats(cliques, comp, video)
     stats["seed_cliques"] = len(seed_cliques)
     return _pack(cliques), comp, sim, stats
 

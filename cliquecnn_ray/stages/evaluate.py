@@ -22,11 +22,11 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from .. import evaluate as E
+from .. import metrics
 from .. import raysetup, schema, storage
 from ..config import PipelineConfig, to_dict
-from ..evaluate import format_metrics_table  # noqa: F401  (re-exported: the pipeline and benchmarks use it)
-from ..neighbours import ltp_features
+from ..metrics import format_metrics_table  # noqa: F401  (re-exported: the pipeline and benchmarks use it)
+from ..similarity import ltp_features
 from ..rundir import StageDir, run_stage, source_fingerprint
 
 log = logging.getLogger("cliquecnn")
@@ -60,24 +60,24 @@ def run(
     config = {"evaluate": to_dict(ecfg), "features_stage": features_stage, "ltp_p": ltp_p}
 
     def compute(attempt_uri: str) -> dict:
-        metrics = evaluate_run(cfg, features, frames, ltp_p)
-        metrics["protocol"] = {
+        result = evaluate_run(cfg, features, frames, ltp_p)
+        result["protocol"] = {
             "features": str(features),
             "labels": ecfg.labels,
             "similarity": "pearson" if ecfg.pearson else "dot",
             "ltp_p": ltp_p,
             "knn_k": ecfg.knn_k,
-            "roc_points": E.ROC_POINTS,
+            "roc_points": metrics.ROC_POINTS,
         }
-        storage.write_json(storage.join(attempt_uri, "metrics.json"), metrics)
-        roc_png, pr_png = plot_curves(metrics, title=f"{features}" + (f", LTP ±{ltp_p}" if ltp_p else ""))
+        storage.write_json(storage.join(attempt_uri, "metrics.json"), result)
+        roc_png, pr_png = plot_curves(result, title=f"{features}" + (f", LTP ±{ltp_p}" if ltp_p else ""))
         storage.write_bytes(storage.join(attempt_uri, "roc.png"), roc_png)
         storage.write_bytes(storage.join(attempt_uri, "pr.png"), pr_png)
-        rows = {f"  {cat}": m for cat, m in metrics["per_category"].items()} if len(metrics["per_category"]) > 1 else {}
-        for line in format_metrics_table({**rows, str(features): metrics}).splitlines():
+        rows = {f"  {cat}": m for cat, m in result["per_category"].items()} if len(result["per_category"]) > 1 else {}
+        for line in format_metrics_table({**rows, str(features): result}).splitlines():
             log.info("evaluate: %s", line)
         stats = {k: v for k, v in metrics.items() if k != "curves"}
-        stats["rows"] = metrics["n_queries"] + metrics["skipped_queries"]
+        stats["rows"] = result["n_queries"] + result["skipped_queries"]
         return stats
 
     return run_stage(StageDir(cfg.run, round, out_stage), config, inputs, compute, force=force)
@@ -96,7 +96,7 @@ def evaluate_run(cfg: PipelineConfig, features: StageDir, frames: StageDir, ltp_
     frame_table = frames.read_table(columns=FRAME_COLUMNS)
     labels = storage.read_parquet(ecfg.labels)
     if ecfg.pearson:
-        feats = E.pearson_normalise(feats)  # per frame, before pooling: pooled vectors stay centred, unit norm
+        feats = metrics.pearson_normalise(feats)  # per frame, before pooling: pooled vectors stay centred, unit norm
     if ltp_p > 0:
         feats = ltp_features(ids, feats, frame_table, ltp_p)
     category_of = _categories_by_row(ids, frame_table, str(features))
@@ -112,13 +112,13 @@ def evaluate_run(cfg: PipelineConfig, features: StageDir, frames: StageDir, ltp_
             f"({schema.QUERY_ID}, {schema.POSITIVE_IDS}, {schema.NEGATIVE_IDS}); has {', '.join(labels.column_names)}"
         )
     results = ray.get([ref for _, ref in jobs])
-    parts: dict[str, E.Partial] = {}
+    parts: dict[str, metrics.Partial] = {}
     for (cat, _), part in zip(jobs, results):
-        parts[cat] = parts.get(cat, E.Partial()) + part
-    metrics = E.summarise_categories(parts)
-    if metrics["skipped_queries"]:
-        log.warning("evaluate: %d queries have no positive or no negative and were skipped", metrics["skipped_queries"])
-    return metrics
+        parts[cat] = parts.get(cat, metrics.Partial()) + part
+    result = metrics.summarise_categories(parts)
+    if result["skipped_queries"]:
+        log.warning("evaluate: %d queries have no positive or no negative and were skipped", result["skipped_queries"])
+    return result
 
 
 def _categories_by_row(ids: np.ndarray, frames: pa.Table, features_name: str) -> np.ndarray:
@@ -185,11 +185,11 @@ def _class_jobs(cfg, labels, ids, feats, category_of, cpus) -> list[tuple[str, A
     for cat in _selected(cfg, cats, source):
         sel = np.flatnonzero(cats == cat)
         sel = sel[np.argsort(rows[sel])]  # frame_id order: results do not depend on the labels' row order
-        codes, _ = E.encode_labels(values[sel].astype(str))
+        codes, _ = metrics.encode_labels(values[sel].astype(str))
         feats_ref = ray.put(np.ascontiguousarray(feats[rows[sel]]))
         codes_ref = ray.put(codes)
         n = len(sel)
-        row_block = E.row_block_for(n, cfg.evaluate.memory_mb)
+        row_block = metrics.row_block_for(n, cfg.evaluate.memory_mb)
         step = max(1, cfg.evaluate.queries_per_task)
         log.info("evaluate: category %s, %d labelled frames, %d classes, %d task(s)", cat, n, codes.max() + 1,
                  -(-n // step))
@@ -222,7 +222,7 @@ def _candidate_jobs(cfg, labels, ids, feats, category_of, cpus) -> list[tuple[st
         log.info("evaluate: category %s, %d queries with candidate lists", cat, len(sel))
         for lo in range(0, len(sel), step):
             chunk = sel[lo : lo + step]
-            cand, positive, valid = E.pad_candidates(
+            cand, positive, valid = metrics.pad_candidates(
                 [cand_rows[schema.POSITIVE_IDS][i] for i in chunk], [cand_rows[schema.NEGATIVE_IDS][i] for i in chunk]
             )
             jobs.append((cat, task.remote(feats_ref, query_rows[chunk], cand, positive, valid)))
@@ -234,26 +234,26 @@ def _split(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
     return np.split(flat, bounds) if like else []
 
 
-def _class_task_fn(feats, codes, k, start, stop, row_block) -> E.Partial:
-    return E.class_partial(feats, codes, k=k, start=start, stop=stop, row_block=row_block)
+def _class_task_fn(feats, codes, k, start, stop, row_block) -> metrics.Partial:
+    return metrics.class_partial(feats, codes, k=k, start=start, stop=stop, row_block=row_block)
 
 
-def _candidate_task_fn(feats, query_rows, cand, positive, valid) -> E.Partial:
-    scores = E.candidate_scores(feats[query_rows], feats, cand)
-    return E.candidate_partial(scores, positive, valid)
+def _candidate_task_fn(feats, query_rows, cand, positive, valid) -> metrics.Partial:
+    scores = metrics.candidate_scores(feats[query_rows], feats, cand)
+    return metrics.candidate_partial(scores, positive, valid)
 
 
 # ---------------------------------------------------------------------------------------------
 # Pictures
 
 
-def plot_curves(metrics: dict[str, Any], title: str = "") -> tuple[bytes, bytes]:
+def plot_curves(result: dict[str, Any], title: str = "") -> tuple[bytes, bytes]:
     """PNG bytes of the mean ROC curves and the mean interpolated precision-recall curves, per category
-    (thin) and over all queries (thick), from ``metrics["curves"]``. Matplotlib's Agg canvas, no pyplot."""
+    (thin) and over all queries (thick), from ``result["curves"]``. Matplotlib's Agg canvas, no pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    curves = metrics["curves"]
+    curves = result["curves"]
     grid = np.asarray(curves["grid"])
     per_category = curves["per_category"]
     pngs = []
@@ -267,11 +267,11 @@ def plot_curves(metrics: dict[str, Any], title: str = "") -> tuple[bytes, bytes]
         legend = len(per_category) <= 12
         if len(per_category) > 1:
             for cat, c in per_category.items():
-                m = metrics["per_category"][cat]
+                m = result["per_category"][cat]
                 if m["n_queries"]:
                     label = f"{cat} ({m['auc_mean_roc']:.3f})" if key == "mean_tpr" else f"{cat} ({m['map']:.3f})"
                     ax.plot(grid, c[key], linewidth=0.8, alpha=0.7, label=label if legend else None)
-        overall = f"all ({metrics['auc_mean_roc_all_queries']:.3f})" if key == "mean_tpr" else f"all (mAP {metrics['map']:.3f})"
+        overall = f"all ({result['auc_mean_roc_all_queries']:.3f})" if key == "mean_tpr" else f"all (mAP {result['map']:.3f})"
         ax.plot(grid, curves["all"][key], color="black", linewidth=2.0, label=overall)
         if key == "mean_tpr":
             ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import features as F
+from .. import hog
 from .. import raysetup, schema, storage
 from ..config import FeaturesConfig, PipelineConfig
 from ..rundir import StageDir, run_stage
@@ -44,8 +44,8 @@ def run(
     (pass 1: decode + describe, wall), whitening_seconds (passes 2–3, wall; 0 for kinds without it).
     """
     fcfg = cfg.features if kind is None else dataclasses.replace(cfg.features, kind=kind)
-    if fcfg.kind not in F.KINDS:
-        raise ValueError(f"features.kind = {fcfg.kind!r}: unknown (known: {', '.join(F.KINDS)})")
+    if fcfg.kind not in hog.KINDS:
+        raise ValueError(f"features.kind = {fcfg.kind!r}: unknown (known: {', '.join(hog.KINDS)})")
     frames = StageDir(cfg.run, 0, "frames")
     out = StageDir(cfg.run, round, stage)
     inputs = {"frames": frames.fingerprint()}
@@ -95,8 +95,8 @@ def _compute(cfg: PipelineConfig, fcfg: FeaturesConfig, frames: StageDir, attemp
             batch_format="pyarrow",
             num_cpus=cpus,
         ).take_all()
-        stats = F.reduce_stats([_unpack_stats(p) for p in parts])
-        mu, w = F.whitening_transform(stats, fcfg.lda_lambda)
+        stats = hog.reduce_stats([_unpack_stats(p) for p in parts])
+        mu, w = hog.whitening_transform(stats, fcfg.lda_lambda)
         _write_whitening(attempt_uri, mu, w, stats[2], fcfg.lda_lambda)
         transform = ray.put((mu.astype(np.float32), w.astype(np.float32)))
         written = descriptors.map_batches(
@@ -168,11 +168,11 @@ def _describe_batch(batch: pa.Table, fcfg: FeaturesConfig, threads: int) -> pa.T
     t0 = time.time()
     ids = batch.column(schema.FRAME_ID).to_numpy()
     col = lambda name: batch.column(name).to_pylist() if name in batch.column_names else None  # noqa: E731
-    images = F.decode_images(
+    images = hog.decode_images(
         col(schema.IMAGE), uris=col(schema.URI), bboxes=col(schema.BBOX), size=fcfg.image_size,
         grey=True, frame_ids=ids,
     )
-    desc = F.describe(images, fcfg.kind, fcfg.hog_orientations, fcfg.hog_cell, fcfg.hog_block)
+    desc = hog.describe(images, fcfg.kind, fcfg.hog_orientations, fcfg.hog_cell, fcfg.hog_block)
     seconds = np.zeros(len(ids))
     seconds[:1] = time.time() - t0  # the batch's compute time, carried on its first row
     return pa.table(
@@ -183,7 +183,7 @@ def _describe_batch(batch: pa.Table, fcfg: FeaturesConfig, threads: int) -> pa.T
 def _partial_stats(batch: pa.Table) -> pa.Table:
     """Pass 2: one row of partial whitening statistics (Σx, Σxxᵀ as float64 bytes, n) per batch."""
     ids, x = _descriptors(batch)
-    s, so, n = F.whitening_stats(x, frame_ids=ids)
+    s, so, n = hog.whitening_stats(x, frame_ids=ids)
     return pa.table(
         {
             "d": pa.array([x.shape[1]], pa.int64()),
@@ -194,7 +194,7 @@ def _partial_stats(batch: pa.Table) -> pa.Table:
     )
 
 
-def _unpack_stats(row: dict) -> F.WhiteningStats:
+def _unpack_stats(row: dict) -> hog.WhiteningStats:
     d = int(row["d"])
     s = np.frombuffer(row["sum"], dtype=np.float64)
     so = np.frombuffer(row["sum_outer"], dtype=np.float64)
@@ -211,14 +211,14 @@ def _whiten_and_write(batch: pa.Table, attempt_uri: str, transform: list, thread
     torch.set_num_threads(threads)
     mu, w = ray.get(transform[0])  # wrapped in a list so Ray Data passes the ref, not the value
     ids, x = _descriptors(batch)
-    feats, blank = F.l2_normalise((x - mu) @ w)
+    feats, blank = hog.l2_normalise((x - mu) @ w)
     return _write(attempt_uri, ids, feats, blank, _task_seconds(batch))
 
 
 def _normalise_and_write(batch: pa.Table, attempt_uri: str) -> pa.Table:
     """Last pass of "hog" and "raw": L2-normalise, write one Parquet file; returns one stats row."""
     ids, x = _descriptors(batch)
-    feats, blank = F.l2_normalise(x)
+    feats, blank = hog.l2_normalise(x)
     return _write(attempt_uri, ids, feats, blank, _task_seconds(batch))
 
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from .. import raysetup, schema, storage
 from ..config import PipelineConfig, to_dict
-from ..neighbours import ltp_stack
+from ..similarity import ltp_stack
 from ..rundir import StageDir, run_stage
 from .train import MODEL_FILE, absolute_uri, decode_frames, read_frames
 
@@ -42,7 +42,7 @@ class FeatureExtractor:
     def __init__(self, model_uri: str, use_gpu: bool, threads: int, batch_size: int):
         import torch
 
-        from ..model import load_model_bytes
+        from ..network import load_model_bytes
 
         torch.set_num_threads(threads)
         self.model, self.meta = load_model_bytes(storage.read_bytes(model_uri), source=model_uri)
@@ -51,7 +51,7 @@ class FeatureExtractor:
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from ..model import extract_features, pearson_normalise
+        from ..network import extract_features, pearson_normalise
 
         ids = batch.column(schema.FRAME_ID).to_numpy()
         images = decode_frames(batch, self.meta["input_size"], grey=self.meta["in_channels"] == 1)

@@ -7,16 +7,16 @@ Two Ray Data passes over small JSON work descriptors, so image bytes never pass 
 2. finalize: once the driver has turned the counts into frame_id offsets (units in stable order), one task
    per unit rewrites its staging file as ``part-<unit>.parquet`` with dense global ``frame_id``.
 
-The pure work lives in ``cliquecnn_ray/ingest.py``; this module only plans, fans out and commits.
+The pure work lives in ``cliquecnn_ray/frame_sources.py``; this module only plans, fans out and commits.
 """
 from __future__ import annotations
 
 import json
 import logging
 
-from .. import ingest, raysetup, rundir, storage
+from .. import raysetup, rundir, frame_sources, storage
 from ..config import PipelineConfig, to_dict
-from ..ingest import IngestError
+from ..frame_sources import IngestError
 from ..rundir import StageDir
 
 log = logging.getLogger("cliquecnn")
@@ -39,11 +39,11 @@ def _ingest(units: list[dict], cfg: PipelineConfig, attempt_uri: str) -> dict:
     raysetup.init_ray()  # idempotent: keeps a connected Ray, else starts a local one
     icfg = cfg.ingest
     cpus = cfg.resources.cpus_per_task
-    attempt = ingest.absolute_uri(attempt_uri)
+    attempt = frame_sources.absolute_uri(attempt_uri)
     staging = storage.join(attempt, "_staging")
 
     # Pass 1: decode every unit in parallel into staging files.
-    summaries = _fan_out(lambda unit: ingest.ingest_unit(unit, icfg, staging), units, cpus)
+    summaries = _fan_out(lambda unit: frame_sources.ingest_unit(unit, icfg, staging), units, cpus)
     errors = [s["error"] for s in summaries if s["error"]]
     if errors:
         more = f" ({len(errors) - 1} more inputs failed too)" if len(errors) > 1 else ""
@@ -52,20 +52,20 @@ def _ingest(units: list[dict], cfg: PipelineConfig, attempt_uri: str) -> dict:
     for frame in skipped:
         log.warning("ingest: skipped frame %s of video %r (%s): %s", frame["frame_index"], frame["video_id"],
                     frame["file"], frame["reason"])
-    ingest.check_duplicates(summaries, units)
+    frame_sources.check_duplicates(summaries, units)
     total = sum(s["rows"] for s in summaries)
     if total == 0:
         raise IngestError(f"no frames ingested from {', '.join(cfg.sources)} ({len(skipped)} skipped)")
 
     # Pass 2: global frame_id offsets in unit order, then rewrite each staging file as a final part.
-    columns = [c for c in ingest.OPTIONAL if any(c in s["columns"] for s in summaries)]
+    columns = [c for c in frame_sources.OPTIONAL if any(c in s["columns"] for s in summaries)]
     jobs, offset = [], 0
     for s in summaries:
         if s["rows"]:
-            jobs.append({"staging": s["staging"], "final": storage.join(attempt, ingest.part_name(s["unit"])),
+            jobs.append({"staging": s["staging"], "final": storage.join(attempt, frame_sources.part_name(s["unit"])),
                          "offset": offset, "rows": s["rows"]})
             offset += s["rows"]
-    written = _fan_out(lambda job: ingest.finalize_part(job["staging"], job["final"], job["offset"], columns),
+    written = _fan_out(lambda job: frame_sources.finalize_part(job["staging"], job["final"], job["offset"], columns),
                        jobs, cpus)
     if sum(written) != total:  # cannot happen unless a staging file changed under us
         raise IngestError(f"ingest wrote {sum(written)} rows, expected {total}")
@@ -105,9 +105,9 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
     """
     if round != 0:
         raise ValueError(f"ingest writes the frames of round 0 only, not round {round}")
-    ingest.check_config(cfg.ingest)
-    units = ingest.plan_sources(cfg.sources, cfg.ingest)
-    inputs = {source: rundir.source_fingerprint(ingest.absolute_uri(source)) for source in cfg.sources}
+    frame_sources.check_config(cfg.ingest)
+    units = frame_sources.plan_sources(cfg.sources, cfg.ingest)
+    inputs = {source: rundir.source_fingerprint(frame_sources.absolute_uri(source)) for source in cfg.sources}
     # The order of the sources fixes frame_id, so it is configuration: reordering them recomputes.
     config = {**to_dict(cfg.ingest), "sources": list(cfg.sources)}
     out = StageDir(cfg.run, 0, "frames")

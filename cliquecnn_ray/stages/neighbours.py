@@ -1,8 +1,8 @@
 """Neighbours stage (DESIGN §4): the k most and least similar frames of every frame, per category.
 
 Reads the round's features and the frames' categories; per category, Φ goes into the object store once
-and row blocks of ``neighbours.row_block`` frames are Ray tasks running the pure block function
-(``neighbours.block_extremes``) against it. The driver writes one Parquet part per block
+and row blocks of ``similarity.row_block`` frames are Ray tasks running the pure block function
+(``similarity.block_extremes``) against it. The driver writes one Parquet part per block
 (schema.NEIGHBOURS) and commits them with ``rundir.run_stage``.
 
 k larger than a category: clamped to the category's size − 1 with a warning that names the category (a
@@ -16,24 +16,24 @@ import time
 import numpy as np
 import ray
 
-from .. import neighbours, raysetup, schema, storage
+from .. import raysetup, schema, similarity, storage
 from ..config import PipelineConfig
 from ..rundir import StageDir, run_stage
 
 log = logging.getLogger("cliquecnn")
 
 MAX_RETRIES = 3  # a task whose worker dies (node loss) is rerun elsewhere; blocks are pure, so reruns agree
-ALL = "*"  # the single group when neighbours.across_categories is set
+ALL = "*"  # the single group when similarity.across_categories is set
 
 
 def _block_task(
     phi: np.ndarray, ids: np.ndarray, start: int, stop: int, k: int, col_block: int, tile_rows: int, threads: int
-) -> neighbours.Extremes:
+) -> similarity.Extremes:
     """One Ray task: rows [start, stop) of the category against all of it (Φ shared, read-only)."""
     import torch
 
     torch.set_num_threads(threads)
-    return neighbours.block_extremes(phi[start:stop], ids[start:stop], phi, ids, k, col_block, tile_rows)
+    return similarity.block_extremes(phi[start:stop], ids[start:stop], phi, ids, k, col_block, tile_rows)
 
 
 _remote_block = ray.remote(_block_task)
@@ -63,12 +63,12 @@ def extremes_with_ray(
     col_block: int,
     tile_rows: int,
     cpus_per_task: float = 1.0,
-) -> neighbours.Extremes:
+) -> similarity.Extremes:
     """The Extremes (N, k_eff) of every row of ``features`` (N, d) against all of them, as Ray tasks of
     ``row_block`` rows (the stage's engine for one category; also used by the benchmark's ``--ray``)."""
     blocks = _submit(features, ids, k, row_block, col_block, tile_rows, cpus_per_task)
     parts = ray.get([ref for _, _, ref in blocks])
-    return neighbours.Extremes(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+    return similarity.Extremes(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
 
 
 def _categories(frames_ids: np.ndarray, frames_cats: np.ndarray, ids: np.ndarray, across: bool) -> np.ndarray:
@@ -146,7 +146,7 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:
         while remaining:
             done, remaining = ray.wait(remaining, num_returns=1)
             ci, bi, block_ids = by_ref.pop(done[0])
-            table = neighbours.extremes_to_table(block_ids, ray.get(done[0]))
+            table = similarity.extremes_to_table(block_ids, ray.get(done[0]))
             storage.write_parquet(table, storage.join(attempt_uri, f"part-{ci:04d}-{bi:05d}.parquet"))
             rows += table.num_rows
             tasks += 1

@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 
-from .. import report, schema, storage
+from .. import html_report, schema, storage
 from ..config import PipelineConfig
-from ..neighbours import similarity_tile
+from ..similarity import similarity_tile
 from ..rundir import StageDir
 
 log = logging.getLogger("cliquecnn")
@@ -50,7 +50,7 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
 
     rows = _metrics_rows(cfg)
     sections.append(("Metrics across rounds and baselines",
-                     report.metrics_table_html(rows) if rows else "<p>No evaluation (no labels configured).</p>"))
+                     html_report.metrics_table_html(rows) if rows else "<p>No evaluation (no labels configured).</p>"))
 
     for r in (0, cfg.rounds):
         record = StageDir(cfg.run, r, "evaluate").record()
@@ -73,19 +73,19 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
     if before is not None and after is not None:
         video_ids = np.asarray(frames.column(schema.VIDEO_ID).to_pylist())
         order = np.lexsort((frames.column(schema.FRAME_INDEX).to_numpy(), video_ids))
-        rows_v = report.pick_longest_video(video_ids[order])
+        rows_v = html_report.pick_longest_video(video_ids[order])
         if rows_v is not None:
             idx = order[rows_v]
-            files["fig1_similarity_matrix.png"] = report.similarity_matrices_png(
+            files["fig1_similarity_matrix.png"] = html_report.similarity_matrices_png(
                 before[1][idx], after[1][idx], f"video {video_ids[idx[0]]}"
             )
             sections.append(("Similarity matrix of one video (paper Fig. 1)", "<img src='fig1_similarity_matrix.png'>"))
         files["fig2_nearest_neighbours.png"] = _neighbour_means(cfg, before[1], after[1], final_round)
         sections.append((f"Mean of the {NEIGHBOURS_SHOWN} nearest neighbours of a few queries (paper Fig. 2)",
                          "<img src='fig2_nearest_neighbours.png'>"))
-        files["fig4_spectrum.png"] = report.spectrum_png(
-            {"HOG-LDA (round 0)": report.eigen_spectrum(before[1]),
-             f"round {final_round}": report.eigen_spectrum(after[1])}
+        files["fig4_spectrum.png"] = html_report.spectrum_png(
+            {"HOG-LDA (round 0)": html_report.eigen_spectrum(before[1]),
+             f"round {final_round}": html_report.eigen_spectrum(after[1])}
         )
         sections.append(("Cumulative eigenvalue spectrum of the similarities (paper Fig. 4)",
                          "<img src='fig4_spectrum.png'>"))
@@ -99,7 +99,7 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
 
     for name, data in files.items():
         storage.write_bytes(storage.join(out, name), data)
-    page = report.page_html(f"CliqueCNN run {cfg.run}", sections)
+    page = html_report.page_html(f"CliqueCNN run {cfg.run}", sections)
     storage.write_bytes(storage.join(out, "index.html"), page.encode())
     seconds = time.time() - started
     log.info("report: %s (%.1f s)", storage.join(out, "index.html"), seconds)
@@ -109,7 +109,7 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
 
 def _neighbour_means(cfg: PipelineConfig, before: np.ndarray, after: np.ndarray, final_round: int) -> bytes:
     """Decode only the query frames and their neighbours (a few hundred images), never all frames."""
-    from ..features import decode_images
+    from ..hog import decode_images
 
     rng = np.random.default_rng(cfg.seed)
     queries = rng.choice(len(before), size=min(QUERIES_SHOWN, len(before)), replace=False)
@@ -134,4 +134,4 @@ def _neighbour_means(cfg: PipelineConfig, before: np.ndarray, after: np.ndarray,
         means = {name: images[[position[int(j)] for j in idx[qi]]].astype(np.float32).mean(axis=0)
                  for name, idx in wanted.items()}
         rows.append((images[position[int(q)]], means))
-    return report.neighbour_means_png(rows)
+    return html_report.neighbour_means_png(rows)

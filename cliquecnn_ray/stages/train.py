@@ -31,10 +31,10 @@ import torch
 
 from .. import schema, storage
 from ..config import PipelineConfig, config_hash, to_dict
-from ..features import decode_images
-from ..model import build_model, load_backbone, load_model_bytes, save_model_bytes, unwrap
+from ..hog import decode_images
+from ..network import build_model, load_backbone, load_model_bytes, save_model_bytes, unwrap
 from ..rundir import StageDir, run_stage
-from ..train import (AugmentParams, CliqueBatchSampler, HeadWarmup, derive_seed, head_param_groups, log_windows,
+from ..training import (AugmentParams, CliqueBatchSampler, HeadWarmup, derive_seed, head_param_groups, log_windows,
                      make_optimizer, run_steps)
 
 log = logging.getLogger("cliquecnn")

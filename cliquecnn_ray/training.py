@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import head_name, unwrap
+from .network import head_name, unwrap
 
 ADAGRAD_EPS = 1e-4  # paper Sect. 3.1: AdaGrad "smoothing term of 0.0001"
 

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .neighbours import iter_similarity_blocks
+from .similarity import iter_similarity_blocks
 
 ROC_POINTS = 101
 GRID = np.linspace(0.0, 1.0, ROC_POINTS)  # the authors' FPR grid (calculate_roc_auc.py); also our recall grid
