@@ -76,7 +76,7 @@ def run(
         rows = {f"  {cat}": m for cat, m in result["per_category"].items()} if len(result["per_category"]) > 1 else {}
         for line in format_metrics_table({**rows, str(features): result}).splitlines():
             log.info("evaluate: %s", line)
-        stats = {k: v for k, v in metrics.items() if k != "curves"}
+        stats = {k: v for k, v in result.items() if k != "curves"}
         stats["rows"] = result["n_queries"] + result["skipped_queries"]
         return stats
 
