@@ -154,7 +154,7 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         cfg = pipeline.prepare_labels(pipeline.resolve_builtin_data(cfg))
         kwargs = {"features_stage": args.features_stage, "ltp_p": args.ltp}
     round_ = getattr(args, "round", 0)
-    record = pipeline.stage_runner(args.command)(cfg, round=round_, force=args.force, **kwargs)
+    record = pipeline.stage_runner(args.command)(cfg, round_, force=args.force, **kwargs)
     state = "skipped (already committed)" if record.get("skipped") else f"done in {record.get('seconds', 0):.1f} s"
     print(f"{args.command}: {state}; stats: {json.dumps(record.get('stats', {}), default=str)[:2000]}")
     return 0

@@ -265,7 +265,7 @@ def test_stage_equals_exact_per_category(ray_session, tmp_path, cpus_per_task, r
     capture = Capture()
     logging.getLogger("cliquecnn").addHandler(capture)
     try:
-        record = stage.run(cfg, round=0)
+        record = stage.run(cfg, round_index=0)
     finally:
         logging.getLogger("cliquecnn").removeHandler(capture)
     assert not record["skipped"]
@@ -284,7 +284,7 @@ def test_stage_equals_exact_per_category(ray_session, tmp_path, cpus_per_task, r
         got = similarity.Extremes(*(a[members][:, : ref.k] for a in ext))
         assert_same(got, ref)
         assert np.isin(got.nn_ids, members).all()  # never across categories
-    assert stage.run(cfg, round=0)["skipped"]  # same config and inputs: committed output kept
+    assert stage.run(cfg, round_index=0)["skipped"]  # same config and inputs: committed output kept
 
 
 def test_stage_across_categories(ray_session, tmp_path):
@@ -329,7 +329,7 @@ def test_stage_bad_inputs(ray_session, tmp_path):
         stage.run(stage_cfg(run, k=3))
     # No features committed for this round.
     with pytest.raises(rundir.StageNotCommitted):
-        stage.run(stage_cfg(run, k=3), round=1)
+        stage.run(stage_cfg(run, k=3), round_index=1)
     with pytest.raises(ValueError, match="k = 0"):
         stage.run(stage_cfg(run, k=0))
 

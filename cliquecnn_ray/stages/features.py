@@ -31,7 +31,7 @@ BLANK_IDS_SHOWN = 10  # blank frames listed by id in the stage stats
 
 def run(
     cfg: PipelineConfig,
-    round: int = 0,
+    round_index: int = 0,
     force: bool = False,
     kind: Optional[str] = None,
     stage: str = "features",
@@ -47,7 +47,7 @@ def run(
     if fcfg.kind not in hog.KINDS:
         raise ValueError(f"features.kind = {fcfg.kind!r}: unknown (known: {', '.join(hog.KINDS)})")
     frames = StageDir(cfg.run, 0, "frames")
-    out = StageDir(cfg.run, round, stage)
+    out = StageDir(cfg.run, round_index, stage)
     inputs = {"frames": frames.fingerprint()}
 
     def compute(attempt_uri: str) -> dict:

@@ -86,7 +86,7 @@ def _categories(frames_ids: np.ndarray, frames_cats: np.ndarray, ids: np.ndarray
     return frames_cats[order][at]
 
 
-def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:
+def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
     """Compute and commit StageDir(cfg.run, round, "neighbours"); returns run_stage's record."""
     ncfg = cfg.neighbours
     if ncfg.k < 1 or ncfg.row_block < 1 or ncfg.col_block < 1 or ncfg.tile_rows < 1:
@@ -94,9 +94,9 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:
             f"neighbours config: k = {ncfg.k}, row_block = {ncfg.row_block}, col_block = {ncfg.col_block}, "
             f"tile_rows = {ncfg.tile_rows} must all be ≥ 1"
         )
-    features_dir = StageDir(cfg.run, round, "features")
+    features_dir = StageDir(cfg.run, round_index, "features")
     frames_dir = StageDir(cfg.run, 0, "frames")
-    out = StageDir(cfg.run, round, "neighbours")
+    out = StageDir(cfg.run, round_index, "neighbours")
     inputs = {"features": features_dir.fingerprint(), "frames": frames_dir.fingerprint()}
 
     def compute(attempt_uri: str) -> dict:

@@ -42,7 +42,7 @@ def _metrics_rows(cfg: PipelineConfig) -> dict[str, dict]:
     return rows
 
 
-def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # noqa: A002 (stage signature)
+def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
     started = time.time()
     out = storage.join(cfg.run, "report")
     sections: list[tuple[str, str]] = []
