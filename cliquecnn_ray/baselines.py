@@ -24,7 +24,7 @@ from .config import PipelineConfig
 from .pipeline import prepare_labels, resolve_builtin_data, stage_runner
 from .rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 NN_CNN_NEIGHBOURS = 10  # paper Sect. 3.1: the exemplar plus its 10 nearest HOG-LDA neighbours
 
@@ -153,8 +153,7 @@ def _has_videos(cfg: PipelineConfig) -> bool:
 
 
 def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
-    """Run (or resume) every baseline and the method's rounds' evaluations; print and return the table."""
-    from .metrics import format_metrics_table
+    """Run (or resume) every baseline and the method's rounds' evaluations; returns {name: metrics}."""
     from .stages.train import total_steps
 
     cfg = resolve_builtin_data(cfg)
@@ -201,5 +200,4 @@ def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
         measure("full method without LTP", cfg.rounds, "features_noltp")
 
     storage.write_json(storage.join(cfg.run, "baselines.json"), results)
-    print(format_metrics_table(results))
     return results

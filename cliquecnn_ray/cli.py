@@ -21,7 +21,7 @@ from typing import Optional
 from . import raysetup
 from .config import ConfigError, PipelineConfig, load_config
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
@@ -141,7 +141,9 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     if args.command == "baselines":
         from . import baselines
 
-        baselines.run(cfg, force=args.force)
+        from .metrics import format_metrics_table
+
+        print(format_metrics_table(baselines.run(cfg, force=args.force)))
         return 0
     kwargs = {}
     if args.command == "ingest":

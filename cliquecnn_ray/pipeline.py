@@ -13,7 +13,7 @@ from . import storage
 from .config import PipelineConfig
 from .rundir import StageDir
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 # Stage name → module in cliquecnn_ray.stages; each exposes run(cfg, round_index=0, force=False) -> record.
 ROUND_STAGES = ("neighbours", "cliques", "batches", "train", "impute")

@@ -244,17 +244,8 @@ def stage_cfg(run: str, **neighbours) -> PipelineConfig:
     )
 
 
-class Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.mark.parametrize("cpus_per_task, row_block", [(2.0, 40), (1.0, 23)])  # 1 and 2 concurrent workers
-def test_stage_equals_exact_per_category(ray_session, tmp_path, cpus_per_task, row_block):
+def test_stage_equals_exact_per_category(ray_session, tmp_path, cpus_per_task, row_block, caplog):
     from cliquecnn_ray.stages import neighbours as stage
 
     feats, _ = synthetic.clustered_features(n_clusters=5, per_cluster=30, d=12, noise=0.5, seed=7)
@@ -262,16 +253,12 @@ def test_stage_equals_exact_per_category(ray_session, tmp_path, cpus_per_task, r
     run = str(tmp_path / "run")
     make_run(run, feats, cats)
     cfg = stage_cfg(run, k=8, row_block=row_block, col_block=32, tile_rows=16, cpus_per_task=cpus_per_task)
-    capture = Capture()
-    logging.getLogger("cliquecnn").addHandler(capture)
-    try:
+    with caplog.at_level(logging.WARNING, logger="cliquecnn_ray"):
         record = stage.run(cfg, round_index=0)
-    finally:
-        logging.getLogger("cliquecnn").removeHandler(capture)
     assert not record["skipped"]
     assert record["stats"]["rows"] == 150 and record["stats"]["k"] == {"a": 8, "b": 8, "tiny": 2}
     assert record["stats"]["tasks"] == -(-90 // row_block) + -(-57 // row_block) + 1
-    assert any("'tiny'" in m and "k = 2" in m for m in capture.messages)
+    assert any("'tiny'" in m and "k = 2" in m for m in caplog.messages)
 
     table = rundir.StageDir(run, 0, "neighbours").read_table()
     assert table.schema.equals(schema.NEIGHBOURS)

@@ -36,7 +36,7 @@ from .. import figures, schema, storage
 from ..config import PipelineConfig, to_dict
 from ..rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 BATCHES_FILE = "batches.parquet"
 STATS_FILE = "stats.json"

@@ -40,7 +40,7 @@ from .. import schema, storage
 from ..config import PipelineConfig, to_dict
 from ..rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 CLIQUES_FILE = "cliques.parquet"
 SIMILARITY_FILE = "clique_similarity.arrow"

@@ -29,7 +29,7 @@ from ..metrics import format_metrics_table  # noqa: F401  (re-exported: the pipe
 from ..similarity import ltp_features
 from ..rundir import StageDir, run_stage, source_fingerprint
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 FRAME_COLUMNS = [schema.FRAME_ID, schema.VIDEO_ID, schema.FRAME_INDEX, schema.CATEGORY]
 IDS_SHOWN = 10  # unknown frame ids listed in an error

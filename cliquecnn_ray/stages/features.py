@@ -23,7 +23,7 @@ from .. import raysetup, schema, storage
 from ..config import FeaturesConfig, PipelineConfig
 from ..rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 DESCRIPTOR = "descriptor"  # the intermediate column of pass 1 (HOG or centred pixels)
 BLANK_IDS_SHOWN = 10  # blank frames listed by id in the stage stats

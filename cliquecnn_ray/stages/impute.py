@@ -27,7 +27,7 @@ from ..similarity import ltp_stack
 from ..rundir import StageDir, run_stage
 from .train import MODEL_FILE, absolute_uri, decode_frames, read_frames
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 ROWS_PER_FILE = 65536  # output rows per Parquet file (whole videos): bounds the driver's LTP memory
 

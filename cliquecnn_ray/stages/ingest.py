@@ -19,7 +19,7 @@ from ..config import PipelineConfig, to_dict
 from ..frame_sources import IngestError
 from ..rundir import StageDir
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 
 def _fan_out(fn, items: list[dict], num_cpus: float) -> list[dict]:

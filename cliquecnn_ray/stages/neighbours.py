@@ -20,7 +20,7 @@ from .. import raysetup, schema, similarity, storage
 from ..config import PipelineConfig
 from ..rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3  # a task whose worker dies (node loss) is rerun elsewhere; blocks are pure, so reruns agree
 ALL = "*"  # the single group when similarity.across_categories is set

@@ -15,7 +15,7 @@ from ..config import PipelineConfig
 from ..similarity import similarity_tile
 from ..rundir import StageDir
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 NEIGHBOURS_SHOWN = 50  # paper Fig. 2 averages the 50 nearest neighbours
 QUERIES_SHOWN = 4

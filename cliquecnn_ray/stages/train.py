@@ -36,7 +36,7 @@ from ..rundir import StageDir, run_stage
 from ..training import (AugmentParams, CliqueBatchSampler, HeadWarmup, derive_seed, head_param_groups, log_windows,
                      make_optimizer, run_steps)
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "state.pt"
