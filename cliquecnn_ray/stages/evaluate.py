@@ -43,7 +43,7 @@ def run(
     out_stage: str = "evaluate",
     ltp_p: int = 0,
 ) -> dict:
-    """Evaluate ``StageDir(cfg.run, round, features_stage)`` and commit to ``StageDir(cfg.run, round,
+    """Evaluate ``StageDir(cfg.run, round_index, features_stage)`` and commit to ``StageDir(cfg.run, round_index,
     out_stage)``; ``ltp_p`` > 0 pools ±ltp_p frames first (Eq. 9). Returns run_stage's record."""
     ecfg = cfg.evaluate
     if not ecfg.labels:

@@ -36,7 +36,7 @@ def run(
     kind: Optional[str] = None,
     stage: str = "features",
 ) -> dict:
-    """Compute the features of every committed frame and commit them to StageDir(cfg.run, round, stage).
+    """Compute the features of every committed frame and commit them to StageDir(cfg.run, round_index, stage).
 
     ``kind`` overrides ``cfg.features.kind`` ("hog_lda", "hog", "raw"); the committed config is the
     FeaturesConfig with that kind, so outputs of different kinds never skip one another.

@@ -104,7 +104,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
     empty) before anything runs; a failure leaves any earlier committed frames intact.
     """
     if round_index != 0:
-        raise ValueError(f"ingest writes the frames of round 0 only, not round {round}")
+        raise ValueError(f"ingest writes the frames of round 0 only, not round {round_index}")
     frame_sources.check_config(cfg.ingest)
     units = frame_sources.plan_sources(cfg.sources, cfg.ingest)
     inputs = {source: rundir.source_fingerprint(frame_sources.absolute_uri(source)) for source in cfg.sources}

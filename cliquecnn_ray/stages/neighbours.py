@@ -87,7 +87,7 @@ def _categories(frames_ids: np.ndarray, frames_cats: np.ndarray, ids: np.ndarray
 
 
 def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
-    """Compute and commit StageDir(cfg.run, round, "neighbours"); returns run_stage's record."""
+    """Compute and commit StageDir(cfg.run, round_index, "neighbours"); returns run_stage's record."""
     ncfg = cfg.neighbours
     if ncfg.k < 1 or ncfg.row_block < 1 or ncfg.col_block < 1 or ncfg.tile_rows < 1:
         raise ValueError(

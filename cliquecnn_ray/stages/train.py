@@ -370,7 +370,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
         with result.checkpoint.as_directory() as ckpt_dir:
             state = torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
         if state["step"] != round_steps(cfg, round_index):
-            raise RuntimeError(f"{out}: last checkpoint is at step {state['step']}, expected {round_steps(cfg, round)}")
+            raise RuntimeError(f"{out}: last checkpoint is at step {state['step']}, expected {round_steps(cfg, round_index)}")
         stats = dict(result.return_value or {})
         clique_ids = _clique_ids(cfg, round_index, variant)
         meta = model_meta(cfg, len(clique_ids), clique_ids)
