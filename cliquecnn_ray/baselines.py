@@ -1,5 +1,5 @@
-"""Baselines on the same protocol (paper Sect. 3.1, DESIGN §9): raw pixels, HOG, HOG-LDA (± LTP where the
-frames form videos), a randomly initialised CNN, NN-CNN, and the full method without LTP.
+"""Baselines on the same protocol (paper Sect. 3.1, docs/evaluation.md#baselines): raw pixels, HOG, HOG-LDA
+(± LTP where the frames form videos), a randomly initialised CNN, NN-CNN, and the full method without LTP.
 
 NN-CNN is trained as the paper trains it (Sect. 3.1 v–vi): like the 1-sample CNN, "a separate class for
 each exemplar ... plus one class containing all other samples", where an exemplar's class is the exemplar

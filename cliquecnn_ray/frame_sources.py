@@ -1,4 +1,4 @@
-"""Ingestion without Ray (DESIGN §1–2): list sources, decode videos and images, map Parquet columns.
+"""Ingestion without Ray (docs/data-contracts.md#frames): list sources, decode videos and images, map Parquet columns.
 
 A source (one entry of ``cfg.sources``, a local path or ``s3://`` URI) is one of
 

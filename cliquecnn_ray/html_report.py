@@ -1,4 +1,5 @@
-"""The run report's HTML (DESIGN §9): the metrics table, the page, the choice of the video Fig. 1 shows.
+"""The run report's HTML (docs/architecture.md#the-report): the metrics table, the page, the choice of the
+video Fig. 1 shows.
 
 The pictures themselves, after the paper (the similarity matrix of one video before and after learning,
 Fig. 1; the mean image of the nearest neighbours of a few queries, Fig. 2; one batch of cliques, Fig. 3;

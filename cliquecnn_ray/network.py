@@ -1,5 +1,5 @@
-"""The CNN (paper Sect. 2.4, 3.1; DESIGN §8): the network, its K-way head, starting from another round's
-weights. Feature extraction is ``cnn_features``, model files are ``model_file``.
+"""The CNN (paper Sect. 2.4, 3.1; docs/method.md#the-loss): the network, its K-way head, starting from another
+round's weights. Feature extraction is ``cnn_features``, model files are ``model_file``.
 
 Pure torch; no Ray. Networks take float images (N, C, H, W) with values in [0, 1]: the input
 standardisation is the first layer of every network, so training and feature extraction cannot disagree

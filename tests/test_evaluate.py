@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN §9): hand-checked cases, sklearn equivalence, sharded = one-shot, the stage."""
+"""Evaluation metrics (docs/evaluation.md): hand-checked cases, sklearn equivalence, sharded = one-shot, the stage."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Stage ``batches`` of round r: batches of mutually distant cliques by CCCP (paper Sect. 2.3, DESIGN §7).
+"""Stage ``batches`` of round r: batches of mutually distant cliques by CCCP (paper Sect. 2.3, docs/method.md#cccp).
 
 Inputs: ``StageDir(run, r, "cliques")`` (the cliques table and S' per category,
 ``stage_outputs.read_clique_similarity``) and ``StageDir(run, 0, "frames")`` (frame ids, checked against

@@ -1,4 +1,5 @@
-"""Stage ``cliques`` of round r: compact cliques per category, their similarity S' (paper Sect. 2.2, DESIGN §6).
+"""Stage ``cliques`` of round r: compact cliques per category, their similarity S' (paper Sect. 2.2,
+docs/method.md#compact-cliques).
 
 Inputs: ``StageDir(run, r, "neighbours")`` (frame_id, nn_ids), ``StageDir(run, r, "features")`` (φ, L2-normalised)
 and ``StageDir(run, 0, "frames")`` (frame_id, video_id, category). The math is ``cliquecnn_ray.linkage``.

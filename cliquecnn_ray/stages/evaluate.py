@@ -1,8 +1,8 @@
-"""Evaluate stage (DESIGN §9): a round's features against the labels table, as Ray tasks.
+"""Evaluate stage (docs/evaluation.md): a round's features against the labels table, as Ray tasks.
 
 Reads the features of ``StageDir(run, round, features_stage)``, the frames table of round 0 (frame_id,
 video_id, frame_index, category) and the labels table ``cfg.evaluate.labels`` (never read by training), in
-either form of DESIGN §2:
+either form of docs/data-contracts.md#labels:
 - class labels (frame_id, label): every labelled frame is a query against the other labelled frames of
   its category (leave-one-out): per-query ROC AUC, AUC of the mean ROC, k-NN accuracy, mAP;
 - candidate lists (query_id, positive_ids, negative_ids): per-query AUC, AUC of the mean ROC (the Olympic

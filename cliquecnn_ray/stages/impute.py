@@ -1,5 +1,5 @@
-"""Impute stage (paper Sect. 2.5–2.6, DESIGN §5): the trained CNN's features of every frame, Pearson-
-normalised, then Local Temporal Pooling, committed as the next round's similarity features.
+"""Impute stage (paper Sect. 2.5–2.6, docs/method.md#re-imputation): the trained CNN's features of every
+frame, Pearson-normalised, then Local Temporal Pooling, committed as the next round's similarity features.
 
 CNN features come from Ray Data ``map_batches`` with a class (``FeatureExtractor``) that loads model.pt once
 per actor; actors get a GPU each when ``resources.gpus_for_impute``. LTP (Eq. 9) runs on the driver over

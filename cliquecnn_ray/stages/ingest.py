@@ -1,4 +1,5 @@
-"""Ingest stage: ``cfg.sources`` → the canonical frame table ``StageDir(run, 0, "frames")`` (DESIGN §1–2).
+"""Ingest stage: ``cfg.sources`` → the canonical frame table ``StageDir(run, 0, "frames")``
+(docs/data-contracts.md#frames).
 
 Two Ray Data passes over small JSON work descriptors, so image bytes never pass through the driver:
 

@@ -1,4 +1,4 @@
-"""Neighbours stage (DESIGN §4): the k most and least similar frames of every frame, per category.
+"""Neighbours stage (docs/method.md#neighbours): the k most and least similar frames of every frame, per category.
 
 Reads the round's features and the frames' categories; per category, Φ goes into the object store once
 and row blocks of ``similarity.row_block`` frames are Ray tasks running the pure block function

@@ -1,4 +1,4 @@
-"""Train stage (DESIGN §8): Ray Train ``TorchTrainer`` over the batches of cliques of one round.
+"""Train stage (docs/method.md#the-loss): Ray Train ``TorchTrainer`` over the batches of cliques of one round.
 
 Three layers, as in Ray Train's examples: the pure step (``cliquecnn_ray.training``) → ``train_func``, the
 per-worker glue (load data, ``prepare_model`` for DDP, checkpoints through ``ray.train.report``, resume
