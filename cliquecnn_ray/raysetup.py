@@ -61,6 +61,8 @@ def setup_worker_logging(level: int) -> None:
 # driver's console (matched anywhere in a line; a traceback is dropped whole when one of its lines matches).
 HARMLESS_RAY_LINES = re.compile(
     "|".join([
+        # Ray Train logs every report at INFO, under a logger named after its file that no level reaches.
+        r"Reporting training result \d+: TrainingReport\(",
         # Ray Train's internal actors are created with object-store arguments and restarts: a design note.
         r"has constructor arguments in the object store and max_restarts > 0",
         # GCS, when Ray Train tears down a worker group whose actors have already exited.

@@ -17,12 +17,14 @@ def test_harmless_ray_lines_are_dropped_and_the_rest_printed(ray_session, capfd)
     capfd.readouterr()
     _emit(["[E core_worker.cc] Actor with class name: 'PreemptionWatcher' and ID: 'f0' has constructor arguments "
            "in the object store and max_restarts > 0. If the arguments ...", "train round 0: 6/60 steps (10%)"])
+    _emit(["Reporting training result 1: TrainingReport(checkpoint=Checkpoint(filesystem=local, path=/r/step-1))"])
     _emit(["Exception in thread PlacementGroupCleanerMonitor:", "Traceback (most recent call last):",
            "  File \"placement_group_cleaner.py\", line 80, in _monitor_loop",
            "ConnectionError: Found multiple active Ray instances: {'a', 'b'}."], pid=4243)
     err = capfd.readouterr().err
     assert "train round 0: 6/60 steps (10%)" in err and err.count("train round 0") == 1  # once: one handler
-    assert "max_restarts" not in err and "PlacementGroupCleanerMonitor" not in err and "Traceback" not in err
+    assert "max_restarts" not in err and "Reporting training result" not in err
+    assert "PlacementGroupCleanerMonitor" not in err and "Traceback" not in err
 
 
 def test_worker_logging_adds_no_second_handler_where_ray_has_one(monkeypatch):
