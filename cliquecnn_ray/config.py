@@ -64,7 +64,7 @@ class FeaturesConfig:
 @dataclass(frozen=True)
 class NeighboursConfig:
     k: int = 50  # only the extremes of the similarity distribution are trusted (paper Fig. 4b)
-    row_block: int = 4096  # rows per Ray task: ~6 s of one core at N = 113k, d = 512; little lost on a retry
+    row_block: int = 4096  # rows per Ray task: tasks of seconds at Olympic Sports size; little lost on a retry
     col_block: int = 32768  # columns per tile: wide tiles amortise the per-tile top-k work (gemm_ratio)
     tile_rows: int = 1024  # rows per tile: a 1024 × 32768 fp32 tile is 128 MB, reused within a task
     across_categories: bool = False  # the paper learns per category; never mix them unless asked
@@ -95,7 +95,7 @@ class BatchesConfig:
     lambda3: float = 2.0  # push to binary; 1 = where binary X becomes stable for any K/r (cccp.make_problem)
     lambda3_start: float = 0.0625  # continuation: λ3 doubles from here each CCCP step, so X is arranged while soft
     solver: str = "fast"  # "fast" (torch, diagonally scaled projected gradient); "exact" (cvxpy + Clarabel)
-    cccp_iters: int = 30  # CCCP outer iterations; the paper-scale instance converges in ~10
+    cccp_iters: int = 30  # CCCP outer iterations; paper scale needs fewer (cccp.json: paper_fast_iters)
     cccp_tol: float = 1e-4  # stop when f changes by less than this (relative) once λ3 is at its value
     restarts: int = 4  # independent random starts, solved as parallel Ray tasks; best objective wins
     seed: int = 0  # seeds the restarts: same seed, same batches
@@ -111,7 +111,7 @@ class TrainConfig:
     steps: int = 300  # SGD steps per round; the paper's 1e5 is a GPU budget
     round_steps: tuple = ()  # steps of round r where listed (e.g. [1200, 400, 400]), `steps` beyond the list
     optimizer: str = "adagrad"  # paper: AdaGrad, lr 0.001; "sgd" uses momentum (Eq. 8)
-    lr: float = 0.001  # paper Sect. 3.1; 0.01 from scratch spiked the loss 1.4 → 28 in the first steps
+    lr: float = 0.001  # paper Sect. 3.1; ten times more, from scratch, makes the loss spike in the first steps
     lr_round_decay: float = 1.0  # round r trains at lr · decay^r: a new round's optimiser restarts on trained weights
     head_warmup_steps: int = 100  # of `steps`, head-only when starting from a previous round (its new head is random)
     head_warmup_lr: float = 0.005  # the head's lr in those steps: a random head must catch up with a trained backbone
