@@ -132,8 +132,8 @@ def _commit_random_model(cfg: PipelineConfig, force: bool) -> None:
     """A network with its random initial weights (same seed as round 0's), as a committed model."""
     import torch
 
-    from .network import build_model, save_model_bytes
-    from .stages.train import MODEL_FILE, model_meta
+    from .model_file import MODEL_FILE, model_meta, save_model_bytes
+    from .network import build_model
 
     def compute(attempt_uri: str) -> dict:
         torch.manual_seed(cfg.seed)
@@ -154,7 +154,7 @@ def _has_videos(cfg: PipelineConfig) -> bool:
 
 def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
     """Run (or resume) every baseline and the method's rounds' evaluations; returns {name: metrics}."""
-    from .stages.train import total_steps
+    from .training import total_steps
 
     cfg = resolve_builtin_data(cfg)
     evaluate, features, impute = stage_runner("evaluate"), stage_runner("features"), stage_runner("impute")

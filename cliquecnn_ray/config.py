@@ -82,7 +82,7 @@ class CliquesConfig:
     max_seeds: int = 0  # 0 = every frame of a category seeds a clique (paper); >0 a seeded random subset
     max_size: int = 40  # merged cliques stay ≤ 2·target_size: overlaps merge, chains do not grow into classes
     max_covered: float = 0.5  # selection skips a clique whose frames are mostly in already chosen ones
-    selection: str = "spread"  # one clique per k-means group of clique means, so K cliques cover all the data; "compact"
+    selection: str = "spread"  # one clique per k-means group of clique means: K cliques cover the data; "compact"
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class BatchesConfig:
     p: float = 0.0625  # p = 1/16 approximates a step function (paper Sect. 2.3)
     lambda1: float = 1.0  # per-batch coverage, relative to the S' term (both scaled by their size at random X)
     lambda2: float = 4.0  # total coverage: the relaxation credits unused cliques ~65% (0.001^p), so weigh it up
-    lambda3: float = 2.0  # push to binary; 1 = where binary X becomes stable for any K/r (batches.make_problem)
+    lambda3: float = 2.0  # push to binary; 1 = where binary X becomes stable for any K/r (cccp.make_problem)
     lambda3_start: float = 0.0625  # continuation: λ3 doubles from here each CCCP step, so X is arranged while soft
     solver: str = "fast"  # "fast" (torch, diagonally scaled projected gradient); "exact" (cvxpy + Clarabel)
     cccp_iters: int = 30  # CCCP outer iterations; paper scale needs fewer (cccp.json: paper_fast_iters)
@@ -112,9 +112,9 @@ class TrainConfig:
     round_steps: tuple = ()  # steps of round r where listed (e.g. [1200, 400, 400]), `steps` beyond the list
     optimizer: str = "adagrad"  # paper: AdaGrad, lr 0.001; "sgd" uses momentum (Eq. 8)
     lr: float = 0.001  # paper Sect. 3.1; ten times more, from scratch, makes the loss spike in the first steps
-    lr_round_decay: float = 1.0  # round r trains at lr · decay^r: a new round's optimiser starts afresh on trained weights
+    lr_round_decay: float = 1.0  # round r trains at lr · decay^r: a new round's optimiser restarts on trained weights
     head_warmup_steps: int = 100  # of `steps`, head-only when starting from a previous round (its new head is random)
-    head_warmup_lr: float = 0.005  # the head's lr during those steps: a random head must catch up with a trained backbone
+    head_warmup_lr: float = 0.005  # the head's lr in those steps: a random head must catch up with a trained backbone
     momentum: float = 0.9  # μ of Eq. 8 when optimizer = "sgd"
     weight_decay: float = 5e-4  # λ r(W) of Eq. 7
     num_workers: int = 1  # Ray Train workers (DDP); raise on a cluster

@@ -511,7 +511,8 @@ def finish_category(
         raise ValueError(f"cliques.selection: unknown rule '{cfg.selection}' (spread or compact)")
     groups = None
     if cfg.selection == "spread":
-        groups = spread_groups(merged, features, cfg.num_cliques, cfg.min_size, seed=[seed, zlib.crc32(category.encode())])
+        category_seed = [seed, zlib.crc32(category.encode())]
+        groups = spread_groups(merged, features, cfg.num_cliques, cfg.min_size, seed=category_seed)
     chosen = select_cliques(merged, comp, cfg.num_cliques, cfg.min_size, cfg.max_covered, groups)
     if not len(chosen):
         largest = max((len(c) for c in merged), default=0)

@@ -10,7 +10,7 @@ Two label forms (docs/data-contracts.md#labels):
   scores against its own candidates are needed.
 
 Similarity is the Pearson correlation where the protocol asks for it (the paper's PASCAL protocol):
-``pearson_normalise`` centres each vector over its d entries and L2-normalises it, so a dot product in the
+``similarity.pearson_normalise`` centres each vector over its d entries and L2-normalises it, so a dot product in the
 engine is the correlation.
 
 A query with no positive or no negative has no ROC: it is skipped for every metric (kNN included, so that
@@ -29,21 +29,11 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .similarity import iter_similarity_blocks
+from .similarity import iter_similarity_blocks, pearson_normalise
 
 ROC_POINTS = 101
 GRID = np.linspace(0.0, 1.0, ROC_POINTS)  # the authors' FPR grid (calculate_roc_auc.py); also our recall grid
 BYTES_PER_ENTRY = 160  # peak bytes per (query, candidate) entry: ranking_metrics' arrays (more with ties) + the block
-
-
-def pearson_normalise(features: np.ndarray) -> np.ndarray:
-    """(N, d) → (N, d) float32, each vector minus its own mean over d, then L2-normalised: φ_i·φ_j is then the
-    Pearson correlation of the raw vectors. A constant vector becomes 0 (its correlation is undefined)."""
-    x = np.asarray(features, dtype=np.float64)
-    x = x - x.mean(axis=1, keepdims=True)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    x = np.divide(x, norm, out=np.zeros_like(x), where=norm > 1e-12)
-    return x.astype(np.float32)
 
 
 def row_block_for(n_database: int, memory_mb: float) -> int:
@@ -212,13 +202,13 @@ class Partial:
     tpr_sum: np.ndarray = field(default_factory=lambda: np.zeros(ROC_POINTS))
     precision_sum: np.ndarray = field(default_factory=lambda: np.zeros(ROC_POINTS))
 
-    def __add__(self, other: "Partial") -> "Partial":
+    def __add__(self, other: Partial) -> Partial:
         return Partial(
             **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
         )
 
     @classmethod
-    def of_rows(cls, rows: dict[str, np.ndarray], knn_correct: Optional[np.ndarray] = None) -> "Partial":
+    def of_rows(cls, rows: dict[str, np.ndarray], knn_correct: Optional[np.ndarray] = None) -> Partial:
         """Sum the rows of ``ranking_metrics`` (and per-query kNN hits (R,) bool, if any) over used queries."""
         used = ~rows["skipped"]
         part = cls(
@@ -259,7 +249,8 @@ def summarise(part: Partial) -> dict[str, Any]:
 
 def _curves(part: Partial) -> dict[str, list]:
     n = max(part.n_queries, 1)
-    return {"mean_tpr": (part.tpr_sum / n).round(6).tolist(), "mean_precision": (part.precision_sum / n).round(6).tolist()}
+    return {"mean_tpr": (part.tpr_sum / n).round(6).tolist(),
+            "mean_precision": (part.precision_sum / n).round(6).tolist()}
 
 
 def summarise_categories(parts: Mapping[str, Partial]) -> dict[str, Any]:

@@ -25,6 +25,19 @@ import torch
 from . import schema
 
 
+def pearson_normalise(features: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """(N, d) → (N, d) float32 of the same kind (numpy or torch), each vector minus its own mean over d,
+    then L2-normalised: φ_i·φ_j is then the Pearson correlation of the raw vectors (paper Sect. 2.4:
+    "correlation on the learned feature representation"). A constant vector becomes 0 (its correlation is
+    undefined)."""
+    is_tensor = isinstance(features, torch.Tensor)
+    x = torch.as_tensor(features if is_tensor else np.asarray(features), dtype=torch.float64)
+    x = x - x.mean(dim=1, keepdim=True)
+    norm = x.norm(dim=1, keepdim=True)
+    x = torch.where(norm > 1e-12, x / norm.clamp_min(1e-12), torch.zeros_like(x)).to(torch.float32)
+    return x if is_tensor else x.numpy()
+
+
 def similarity_tile(rows: np.ndarray | torch.Tensor, cols: np.ndarray | torch.Tensor) -> torch.Tensor:
     """One tile of similarities: (R, d) × (C, d) → (R, C) = rows @ colsᵀ, fp32 (one GEMM)."""
     rows = torch.as_tensor(rows, dtype=torch.float32)

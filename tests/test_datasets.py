@@ -81,7 +81,7 @@ def test_read_idx_round_trip_and_errors(tmp_path):
 
 def _fashion_or_skip():
     try:
-        return datasets.fashion_mnist_dir(install=False)
+        return datasets.fashion_mnist_dir()
     except datasets.DatasetUnavailable as exc:
         pytest.skip(f"Fashion-MNIST is not installed (Debian package dataset-fashion-mnist): {exc}")
 
