@@ -30,7 +30,7 @@ from ..config import PipelineConfig, config_hash, to_dict
 from ..model_file import MODEL_FILE, load_model_bytes, model_meta, save_model_bytes
 from ..network import build_model, load_backbone, unwrap
 from ..progress import Progress, on_terminal
-from ..raysetup import init_ray, setup_logging
+from ..raysetup import init_ray, setup_worker_logging
 from ..rundir import StageDir, run_stage
 from ..stage_outputs import IMAGE_COLUMNS, decode_frames, read_frames
 from ..training import (
@@ -130,7 +130,7 @@ def train_func(config: dict) -> dict:
     import ray.train.torch
 
     cfg: PipelineConfig = config["cfg"]
-    setup_logging(config.get("log_level", logging.INFO))  # this worker's lines reach the driver's console
+    setup_worker_logging(config.get("log_level", logging.INFO))
     round_: int = config["round_index"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
