@@ -33,7 +33,7 @@ import pyarrow.dataset as pads
 
 from .. import cccp
 from .. import figures, schema, storage
-from ..config import PipelineConfig, to_dict
+from ..config import PipelineConfig
 from ..rundir import StageDir, run_stage
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
     frames_dir = StageDir(cfg.run, 0, "frames")
     inputs = {"cliques": cliques_dir.fingerprint(), "frames": frames_dir.fingerprint()}
     bc = cfg.batches
-    config = {"batches": to_dict(bc)}
+    config = {"batches": bc}
     if bc.solver not in ("fast", "exact"):
         raise cccp.BatchesError(f"batches.solver = {bc.solver!r}; use 'fast' or 'exact'")
     if bc.restarts < 1:

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 
 from .. import linkage
 from .. import schema, storage
-from ..config import PipelineConfig, to_dict
+from ..config import PipelineConfig
 from ..rundir import StageDir, run_stage
 
 log = logging.getLogger(__name__)
@@ -274,9 +274,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
         "features": feats_dir.fingerprint(),
         "neighbours": nb_dir.fingerprint(),
     }
-    config = {"cliques": to_dict(cfg.cliques)}
-    if cfg.cliques.max_seeds > 0:
-        config["seed"] = cfg.seed  # the random seed subset depends on it; otherwise it plays no part
+    config = {"cliques": cfg.cliques, "seed": cfg.seed}  # the seed subset and the spread k-means use it
 
     def compute(attempt_uri: str) -> dict:
         import ray

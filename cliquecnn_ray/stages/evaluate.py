@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from .. import metrics
 from .. import raysetup, schema, storage
-from ..config import PipelineConfig, to_dict
+from ..config import PipelineConfig
 from ..metrics import format_metrics_table  # noqa: F401  (re-exported: the pipeline and benchmarks use it)
 from ..similarity import ltp_features
 from ..rundir import StageDir, run_stage, source_fingerprint
@@ -57,7 +57,7 @@ def run(
         "frames": frames.fingerprint(),
         "labels": source_fingerprint(ecfg.labels),
     }
-    config = {"evaluate": to_dict(ecfg), "features_stage": features_stage, "ltp_p": ltp_p}
+    config = {"evaluate": ecfg, "features_stage": features_stage, "ltp_p": ltp_p}
 
     def compute(attempt_uri: str) -> dict:
         result = evaluate_run(cfg, features, frames, ltp_p)

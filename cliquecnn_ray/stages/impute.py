@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import raysetup, schema, storage
-from ..config import PipelineConfig, to_dict
+from ..config import PipelineConfig
 from ..similarity import ltp_stack
 from ..rundir import StageDir, run_stage
 from .train import MODEL_FILE, absolute_uri, decode_frames, read_frames
@@ -84,7 +84,7 @@ def run(
     frames_dir = StageDir(cfg.run, 0, "frames")
     out = StageDir(cfg.run, round_index + 1, out_stage)
     inputs = {"model": model_dir.fingerprint(), "frames": frames_dir.fingerprint()}
-    stage_config = {"impute": to_dict(cfg.impute), "gpu": cfg.resources.gpus_for_impute}
+    stage_config = {"impute": cfg.impute, "gpu": cfg.resources.gpus_for_impute}
 
     def compute(attempt_uri: str) -> dict:
         return _compute(cfg, absolute_uri(model_dir.file(MODEL_FILE)), frames_dir, attempt_uri)
