@@ -163,6 +163,8 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
             cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=args.labels))
         cfg = pipeline.prepare_labels(pipeline.resolve_builtin_data(cfg), args.force)
         kwargs = {"features_stage": args.features_stage, "ltp_p": args.ltp}
+    if args.command == "report":  # shows the evaluations made with these (resolved) labels
+        cfg = pipeline.prepare_labels(pipeline.resolve_builtin_data(cfg))
     round_ = getattr(args, "round", 0)
     record = pipeline.stage_runner(args.command)(cfg, round_, force=args.force, **kwargs)
     state = "skipped (already committed)" if record.get("skipped") else f"done in {record.get('seconds', 0):.1f} s"

@@ -36,11 +36,13 @@ class StageDir:
     """Where one stage of one round lives inside a run."""
 
     run: str
-    round: int
+    round: Optional[int]  # None: a stage of the whole run (the report), at <run>/<stage>
     stage: str
 
     @property
     def uri(self) -> str:
+        if self.round is None:
+            return storage.join(self.run, self.stage)
         return storage.join(self.run, f"round={self.round}", self.stage)
 
     @property
@@ -48,7 +50,7 @@ class StageDir:
         return storage.join(self.uri, SUCCESS)
 
     def __str__(self) -> str:
-        return f"round {self.round} {self.stage}"
+        return self.stage if self.round is None else f"round {self.round} {self.stage}"
 
     def record(self) -> Optional[dict]:
         """The committed ``_SUCCESS.json``, or None when the stage has not been committed."""
@@ -162,6 +164,11 @@ def _changed(previous: dict, config_dict: dict, chash: str, inputs: dict) -> Opt
     parts = [f"config ({', '.join(changed)})" if changed else "",
              f"inputs ({', '.join(changed_inputs)})" if changed_inputs else ""]
     return "committed output was made with other " + ("; ".join(p for p in parts if p) or "settings")
+
+
+def matches(record: dict, config: Any, inputs: dict[str, str]) -> bool:
+    """Whether a committed record was made with this config and these inputs (its files unchecked)."""
+    return _changed(record, hashed_view(config), config_hash(config), inputs) is None
 
 
 def _commit(out: StageDir, config_dict: dict, chash: str, inputs: dict, compute: Callable[[str], dict],
