@@ -38,7 +38,7 @@ def not_hashed(default: Any, **checks: Any) -> Any:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """What each Ray task asks for, so an autoscaler adds the right nodes (DESIGN §10)."""
+    """What each Ray task asks for, so an autoscaler adds the right nodes (docs/architecture.md#the-stages)."""
 
     cpus_per_task: float = not_hashed(1.0, above=0)  # one core per similarity / CCCP / decode task is the natural grain
     gpus_for_training: bool = False  # CPU by default: CI and laptops have no GPU; set True on a GPU cluster
@@ -54,26 +54,26 @@ class IngestConfig:
     on_bad_frame: str = "error"  # "error" stops on an undecodable frame; "skip" skips and lists it
     column_map: dict = field(default_factory=dict)  # Parquet sources: {source column: canonical column}
     category_from_folder: bool = False  # folder tree whose first level is the category
-    default_category: str = "all"  # a single category unless the data say otherwise (DESIGN §1)
+    default_category: str = "all"  # a single category unless the data say otherwise (docs/architecture.md#categories)
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
     kind: str = "hog_lda"  # paper Sect. 2.1: whitened HOG; also "hog" (unwhitened) and "raw" pixels
-    image_size: int = setting(64, min=8)  # DESIGN §3: frames resized to 64×64 grey before HOG
+    image_size: int = setting(64, min=8)  # frames resized to 64×64 grey before HOG (docs/method.md#hog-lda)
     hog_orientations: int = setting(9, min=1)  # Dalal–Triggs / skimage default
     hog_cell: int = setting(8, min=1)  # 8-pixel cells, as the authors' HOG-LDA
     hog_block: int = setting(2, min=1)  # 2×2-cell blocks, skimage default
     lda_lambda: float = setting(0.02, min=0)  # Σ + λI as in the authors' MATLAB HOG-LDA; keeps Σ invertible
     batch_size: int = not_hashed(512, min=1)  # frames per Ray Data batch: large enough to amortise, small in memory
-    stats_batch_size: int = setting(8192, min=1)  # frames per partial Σ sum and per output file: few partials, few files
+    stats_batch_size: int = setting(8192, min=1)  # frames per partial Σ sum and per output file
 
 
 @dataclass(frozen=True)
 class NeighboursConfig:
     k: int = setting(50, min=1)  # only the extremes of the similarity distribution are trusted (paper Fig. 4b)
-    row_block: int = not_hashed(4096, min=1)  # rows per Ray task: ~6 s of one core at N = 113k, d = 512; little lost on a retry
-    col_block: int = not_hashed(32768, min=1)  # columns per tile: wide tiles amortise the per-tile top-k work (gemm_ratio)
+    row_block: int = not_hashed(4096, min=1)  # rows per Ray task: seconds at Olympic Sports size; cheap retries
+    col_block: int = not_hashed(32768, min=1)  # columns per tile: wide tiles amortise per-tile top-k work
     tile_rows: int = not_hashed(1024, min=1)  # rows per tile: a 1024 × 32768 fp32 tile is 128 MB, reused within a task
     across_categories: bool = False  # the paper learns per category; never mix them unless asked
 
@@ -81,16 +81,16 @@ class NeighboursConfig:
 @dataclass(frozen=True)
 class CliquesConfig:
     neighbourhood: int = setting(20, min=1)  # seed + its 20 nearest frames are clustered (paper: ~20 per clique)
-    min_sim: float = setting(0.0, min=-1, max=1)  # complete-linkage cut: every pair in a clique at least this similar (−1: size only)
+    min_sim: float = setting(0.0, min=-1, max=1)  # complete linkage: every pair at least this similar (−1: size only)
     target_size: int = setting(20, min=1)  # paper Fig. 3: cliques of at least 20 samples... at most this many here
     min_size: int = setting(4, min=1)  # a clique of fewer frames teaches little
-    max_per_video: int = setting(5, min=0)  # ≤ 0: no cap; stop a clique from being neighbouring frames of one shot (DESIGN §6)
+    max_per_video: int = setting(5, min=0)  # not one shot's frames; ≤ 0: no cap (docs/method.md#compact-cliques)
     num_cliques: int = setting(100, min=1)  # K, paper Sect. 3.1
     seeds_per_task: int = not_hashed(512, min=1)  # seeds per parallel Ray task
-    max_seeds: int = setting(0, min=0)  # 0 = every frame of a category seeds a clique (paper); >0 a seeded random subset
-    max_size: int = setting(40, min=1)  # merged cliques stay ≤ 2·target_size: overlaps merge, chains do not grow into classes
-    max_covered: float = setting(0.5, min=0, max=1)  # selection skips a clique whose frames are mostly in already chosen ones
-    selection: str = "spread"  # one clique per k-means group of clique means, so K cliques cover all the data; "compact"
+    max_seeds: int = setting(0, min=0)  # 0 = every frame seeds a clique (paper); >0 a seeded random subset
+    max_size: int = setting(40, min=1)  # ≤ 2·target_size: overlaps merge, chains do not grow into classes
+    max_covered: float = setting(0.5, min=0, max=1)  # skip a clique whose frames are mostly in already chosen ones
+    selection: str = "spread"  # one clique per k-means group of clique means: K cliques cover the data; "compact"
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,12 @@ class BatchesConfig:
     num_batches: int = setting(100, min=1)  # B per category, paper Sect. 3.1
     cliques_per_batch: int = setting(20, min=1)  # r, paper Sect. 3.1
     p: float = setting(0.0625, above=0)  # p = 1/16 approximates a step function (paper Sect. 2.3)
-    lambda1: float = setting(1.0, min=0)  # per-batch coverage, relative to the S' term (both scaled by their size at random X)
-    lambda2: float = setting(4.0, min=0)  # total coverage: the relaxation credits unused cliques ~65% (0.001^p), so weigh it up
-    lambda3: float = setting(2.0, min=0)  # push to binary; 1 = where binary X becomes stable for any K/r (batches.make_problem)
-    lambda3_start: float = setting(0.0625, above=0)  # continuation: λ3 doubles from here each CCCP step, so X is arranged while soft
+    lambda1: float = setting(1.0, min=0)  # per-batch coverage, relative to the S' term (both scaled at random X)
+    lambda2: float = setting(4.0, min=0)  # total coverage: the relaxation credits unused cliques ~65% (0.001^p)
+    lambda3: float = setting(2.0, min=0)  # push to binary; 1: binary X stable for any K/r (cccp.make_problem)
+    lambda3_start: float = setting(0.0625, above=0)  # λ3 doubles from here each CCCP step: X is arranged while soft
     solver: str = "fast"  # "fast" (torch, diagonally scaled projected gradient); "exact" (cvxpy + Clarabel)
-    cccp_iters: int = setting(30, min=1)  # CCCP outer iterations; the paper-scale instance converges in ~10
+    cccp_iters: int = setting(30, min=1)  # CCCP outer iterations; paper scale needs fewer (cccp.json: paper_fast_iters)
     cccp_tol: float = setting(1e-4, min=0)  # stop when f changes by less than this (relative) once λ3 is at its value
     restarts: int = setting(4, min=1)  # independent random starts, solved as parallel Ray tasks; best objective wins
     seed: int = 0  # seeds the restarts: same seed, same batches
@@ -117,18 +117,18 @@ class TrainConfig:
     images_per_step: int = setting(128, min=1)  # M, paper Sect. 3.1
     balance_cliques: bool = True  # M spread evenly over a batch's cliques; False: uniform over their frames
     steps: int = setting(300, min=0)  # SGD steps per round; the paper's 1e5 is a GPU budget
-    round_steps: tuple[int, ...] = setting((), min=0)  # steps of round r where listed (e.g. [1200, 400, 400]), `steps` beyond the list
+    round_steps: tuple[int, ...] = setting((), min=0)  # steps of round r where listed, `steps` beyond
     optimizer: str = "adagrad"  # paper: AdaGrad, lr 0.001; "sgd" uses momentum (Eq. 8)
-    lr: float = setting(0.001, above=0)  # paper Sect. 3.1; 0.01 from scratch spiked the loss 1.4 → 28 in the first steps
-    lr_round_decay: float = setting(1.0, above=0)  # round r trains at lr · decay^r: a new round's optimiser starts afresh on trained weights
-    head_warmup_steps: int = setting(100, min=0)  # of `steps`, head-only when starting from a previous round (its new head is random)
-    head_warmup_lr: float = setting(0.005, above=0)  # the head's lr during those steps: a random head must catch up with a trained backbone
+    lr: float = setting(0.001, above=0)  # paper Sect. 3.1; ten times more from scratch makes the loss spike early
+    lr_round_decay: float = setting(1.0, above=0)  # round r trains at lr · decay^r: its optimiser restarts
+    head_warmup_steps: int = setting(100, min=0)  # of `steps`, head-only after a round (its new head is random)
+    head_warmup_lr: float = setting(0.005, above=0)  # head lr then: a random head catches up with a trained backbone
     momentum: float = setting(0.9, min=0, max=1)  # μ of Eq. 8 when optimizer = "sgd"
     weight_decay: float = setting(5e-4, min=0)  # λ r(W) of Eq. 7
     num_workers: int = setting(1, min=1)  # Ray Train workers (DDP); raise on a cluster
     checkpoint_every: int = not_hashed(100, min=1)  # steps between checkpoints; a failed worker loses at most this many
     max_failures: int = not_hashed(2, min=0)  # FailureConfig: restarts from the latest checkpoint before giving up
-    fail_at_step: int = not_hashed(-1, min=-1)  # failure injection for tests: the first attempt dies at this step (-1: never)
+    fail_at_step: int = not_hashed(-1, min=-1)  # tests: the first attempt dies at this step (-1: never)
     seed: int = 0  # seeds weights and sampling
     grey: bool = True  # train on luminance like the HOG-LDA start; False: RGB (in_channels 3)
     log_every: int = not_hashed(10, min=1)  # steps per logged mean loss in the stage's stats
@@ -152,8 +152,8 @@ class EvaluateConfig:
     knn_k: int = setting(5, min=1)  # k-NN classification, paper's PASCAL protocol
     category: str = ""  # evaluate one category only ("" = all)
     pearson: bool = True  # similarity = Pearson correlation (centre + L2-normalise each vector), paper's protocol
-    memory_mb: int = not_hashed(1024, min=1)  # per task, for whole similarity rows and their ranks (~160 B per entry): sets row blocks
-    queries_per_task: int = not_hashed(4096, min=1)  # query rows per Ray task: tasks of seconds, enough of them to spread
+    memory_mb: int = not_hashed(1024, min=1)  # per task, for rows and ranks (~160 B per entry): sets row blocks
+    queries_per_task: int = not_hashed(4096, min=1)  # query rows per Ray task: tasks of seconds, enough to spread
 
 
 @dataclass(frozen=True)

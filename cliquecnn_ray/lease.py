@@ -184,8 +184,8 @@ class _S3Lock:
         ours = other and other.get("host") == body["host"] and other.get("pid") == body["pid"]
         if not (break_lock or age > ttl or ours):
             raise _refusal(self.run, other, f"; renewed {age:.0f} s ago, expires {ttl - age:.0f} s from now")
-        reason = "breaking the lock of" if break_lock else (
-            "taking over a lock left by this process" if ours else f"taking over the lock expired {age - ttl:.0f} s ago of")
+        reason = ("breaking the lock of" if break_lock else "taking over a lock left by this process" if ours
+                  else f"taking over the lock expired {age - ttl:.0f} s ago of")
         log.warning("run %s: %s %s", self.run, reason, describe(other))
         try:
             return self._put(body, IfMatch=etag)

@@ -89,3 +89,13 @@ def test_a_second_driver_is_one_line_naming_the_holder(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_bare_config_name_is_the_packaged_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: only the package's copy can answer
+    assert {"demo", "fashion_mnist"} <= set(cli.packaged_configs())
+    args = cli.parse_args(cli.build_parser(), ["pipeline", "--config", "demo", "rounds=1"])
+    cfg = cli.config_from_args(args)
+    assert cfg.sources == ("demo",) and cfg.rounds == 1 and cfg.train.steps == 60
+    (tmp_path / "demo").write_text("rounds: 3\n")  # a file of that name here wins: paths keep their meaning
+    assert cli.config_from_args(cli.parse_args(cli.build_parser(), ["pipeline", "--config", "demo"])).rounds == 3

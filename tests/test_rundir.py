@@ -227,7 +227,7 @@ def test_local_files_are_fsynced_before_the_record(tmp_path, monkeypatch):
 
     record = rundir.run_stage(out, {"a": 1}, {}, compute)
     attempt = os.path.join(out.uri, record["attempt"])
-    record_at = synced.index(next(p for p in synced if p.endswith(".tmp-%d" % os.getpid())
+    record_at = synced.index(next(p for p in synced if p.endswith(f".tmp-{os.getpid()}")
                                   and "_SUCCESS" in p))
     before = set(synced[:record_at])
     assert {os.path.join(attempt, "raw.bin"), os.path.join(attempt, "part-0.parquet"), attempt} <= before
