@@ -124,15 +124,10 @@ class _LocalLock:
 
 class _S3Lock:
     def __init__(self, run: str, ttl: float):
-        import boto3
-        import botocore.config
-
         self.run = run
         self.bucket, _, prefix = run[len("s3://"):].rstrip("/").partition("/")
         self.key = f"{prefix}/{LOCK}" if prefix else LOCK
-        timeout = float(os.environ.get("CLIQUECNN_S3_CONNECT_TIMEOUT", "5"))
-        self.client = boto3.client("s3", config=botocore.config.Config(
-            connect_timeout=timeout, read_timeout=timeout * 2, retries={"total_max_attempts": 2}))
+        self.client = storage.s3_client()
         self.ttl = ttl
         self.etag: Optional[str] = None
         self.lost: Optional[str] = None

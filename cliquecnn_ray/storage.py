@@ -5,6 +5,7 @@ usual ``AWS_*`` credential variables. Everything that reads or writes run data g
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -163,10 +164,20 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _s3_client():
+@functools.lru_cache(maxsize=4)
+def _s3_client_for(endpoint: Optional[str], timeout: float):
     import boto3
+    import botocore.config
 
-    return boto3.client("s3")  # honours AWS_ENDPOINT_URL(_S3) and the AWS_* credentials like pyarrow here
+    return boto3.client("s3", endpoint_url=endpoint, config=botocore.config.Config(
+        connect_timeout=timeout, read_timeout=timeout * 2, retries={"total_max_attempts": 2}))
+
+
+def s3_client():
+    """A boto3 S3 client for what pyarrow's filesystem cannot do (ETags, conditional writes), with the
+    same endpoint and fail-fast timeouts; built once per endpoint (building one takes a while)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    return _s3_client_for(endpoint, float(os.environ.get("CLIQUECNN_S3_CONNECT_TIMEOUT", "5")))
 
 
 def digests(uri: str) -> dict[str, dict]:
@@ -178,7 +189,7 @@ def digests(uri: str) -> dict[str, dict]:
     try:
         if is_s3(uri):
             bucket, _, prefix = root.partition("/")
-            pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
             for page in pages:
                 for obj in page.get("Contents", []):
                     if obj["Key"].endswith("/"):

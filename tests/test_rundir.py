@@ -159,8 +159,8 @@ def test_commit_removes_only_the_attempt_it_supersedes(tmp_path):
 # A record is proof of its output
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-@pytest.mark.parametrize("damage", ["missing", "truncated", "altered"])
+@pytest.mark.parametrize("where, damage", [("local", "missing"), ("local", "truncated"), ("local", "altered"),
+                                           ("s3", "altered")])
 def test_a_damaged_part_makes_the_stage_run_again(where, damage, tmp_path, request, caplog):
     run = _run_for(where, tmp_path, request)
     table = frames_table(class_images(2, 3, size=8)[0])
