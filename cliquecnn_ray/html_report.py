@@ -17,6 +17,14 @@ import numpy as np
 log = logging.getLogger("cliquecnn")
 
 
+def literal_text():
+    """A context in which matplotlib draws text as given: a category or video named with `$` or `\\` is not
+    parsed as TeX by mathtext (where it fails to parse and the whole figure with it)."""
+    import matplotlib
+
+    return matplotlib.rc_context({"text.parse_math": False})
+
+
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -37,15 +45,16 @@ def _figure(width: float, height: float):
 
 def similarity_matrices_png(before: np.ndarray, after: np.ndarray, title: str) -> bytes:
     """Fig. 1: S = ΦΦᵀ of one video's frames (n, d_before) and (n, d_after), side by side."""
-    fig, axes = _figure(9, 4.2)
-    for ax, feats, name in zip(axes, (before, after), ("before (round 0)", "after (final round)")):
-        sims = feats @ feats.T
-        im = ax.imshow(sims, cmap="viridis")
-        ax.set_title(f"{title}: {name}", fontsize=9)
-        ax.set_xlabel("frame")
-        ax.set_ylabel("frame")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    return _png(fig)
+    with literal_text():
+        fig, axes = _figure(9, 4.2)
+        for ax, feats, name in zip(axes, (before, after), ("before (round 0)", "after (final round)")):
+            sims = feats @ feats.T
+            im = ax.imshow(sims, cmap="viridis")
+            ax.set_title(f"{title}: {name}", fontsize=9)
+            ax.set_xlabel("frame")
+            ax.set_ylabel("frame")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        return _png(fig)
 
 
 def eigen_spectrum(features: np.ndarray) -> np.ndarray:
@@ -65,16 +74,17 @@ def spectrum_png(curves: dict[str, np.ndarray]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, curve in curves.items():
-        ax.plot(np.arange(1, len(curve) + 1), curve, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("number of eigenvectors")
-    ax.set_ylabel("normalised cumulative eigenvalue sum")
-    ax.set_ylim(0, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
+    with literal_text():
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for name, curve in curves.items():
+            ax.plot(np.arange(1, len(curve) + 1), curve, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("number of eigenvectors")
+        ax.set_ylabel("normalised cumulative eigenvalue sum")
+        ax.set_ylim(0, 1.01)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        return _png(fig)
 
 
 def neighbour_means_png(rows: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> bytes:
@@ -88,18 +98,19 @@ def neighbour_means_png(rows: list[tuple[np.ndarray, dict[str, np.ndarray]]]) ->
     import matplotlib.pyplot as plt
 
     methods = list(rows[0][1]) if rows else []
-    fig, axes = plt.subplots(len(rows), 1 + len(methods), figsize=(2.2 * (1 + len(methods)), 2.2 * len(rows)),
-                             squeeze=False)
-    for i, (query, means) in enumerate(rows):
-        cells = [("query", query)] + [(m, means[m]) for m in methods]
-        for j, (name, img) in enumerate(cells):
-            ax = axes[i][j]
-            ax.imshow(np.asarray(img, dtype=np.float32) / 255.0, cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name, fontsize=8)
-    return _png(fig)
+    with literal_text():
+        fig, axes = plt.subplots(len(rows), 1 + len(methods), figsize=(2.2 * (1 + len(methods)), 2.2 * len(rows)),
+                                 squeeze=False)
+        for i, (query, means) in enumerate(rows):
+            cells = [("query", query)] + [(m, means[m]) for m in methods]
+            for j, (name, img) in enumerate(cells):
+                ax = axes[i][j]
+                ax.imshow(np.asarray(img, dtype=np.float32) / 255.0, cmap="gray", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(name, fontsize=8)
+        return _png(fig)
 
 
 def metrics_table_html(rows: dict[str, dict]) -> str:

@@ -14,6 +14,7 @@ from cliquecnn_ray import schema, storage
 from cliquecnn_ray.config import PipelineConfig
 from cliquecnn_ray.similarity import ltp_stack
 from cliquecnn_ray.rundir import StageDir
+from cliquecnn_ray.stages import evaluate as evaluate_stage
 
 from tests.synthetic import clustered_features, commit_table, frames_table
 
@@ -322,3 +323,19 @@ def test_stage_names_unknown_frame_ids(tmp_path, ray_session):
     with pytest.raises(schema.SchemaError, match=r"frame_id.*2 frame id\(s\).*\[777, 999\]"):
         stage.run(_cfg(run, labels_uri), round=0)
     assert StageDir(run, 0, "evaluate").record() is None  # nothing committed
+
+
+def test_plots_take_category_names_with_mathtext_characters_literally():
+    """`$` and `\\` in category names (or a title) are drawn as they are, not parsed as TeX by matplotlib."""
+    grid = np.linspace(0, 1, 11)
+    names = ["price $5", "a\\b", "$x^$", "ok"]
+    result = {
+        "curves": {"grid": grid.tolist(),
+                   "per_category": {n: {"mean_tpr": grid.tolist(), "mean_precision": grid[::-1].tolist()} for n in names},
+                   "all": {"mean_tpr": grid.tolist(), "mean_precision": grid[::-1].tolist()}},
+        "per_category": {n: {"n_queries": 3, "auc_mean_roc": 0.5, "map": 0.5} for n in names},
+        "auc_mean_roc_all_queries": 0.5,
+        "map": 0.5,
+    }
+    roc, pr = evaluate_stage.plot_curves(result, title="run $HOME\\x")
+    assert roc[:8] == pr[:8] == b"\x89PNG\r\n\x1a\n"

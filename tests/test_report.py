@@ -40,3 +40,12 @@ def test_pngs_are_pngs():
         html_report.neighbour_means_png([(np.zeros((8, 8), np.uint8), {"m": np.ones((8, 8))})]),
     ):
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_titles_with_mathtext_characters_are_drawn_literally():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(6, 4))
+    assert html_report.similarity_matrices_png(a, a, "video $x^$\\").startswith(b"\x89PNG")
+    assert html_report.spectrum_png({"cat $1": html_report.eigen_spectrum(a)}).startswith(b"\x89PNG")
+    assert html_report.neighbour_means_png([(np.zeros((8, 8), np.uint8), {"$a^$": np.ones((8, 8))})]).startswith(
+        b"\x89PNG")

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import metrics
-from .. import raysetup, schema, storage
+from .. import html_report, raysetup, schema, storage
 from ..config import PipelineConfig, to_dict
 from ..metrics import format_metrics_table  # noqa: F401  (re-exported: the pipeline and benchmarks use it)
 from ..similarity import ltp_features
@@ -257,33 +257,36 @@ def plot_curves(result: dict[str, Any], title: str = "") -> tuple[bytes, bytes]:
     grid = np.asarray(curves["grid"])
     per_category = curves["per_category"]
     pngs = []
-    for key, xlabel, ylabel, name in (
-        ("mean_tpr", "false positive rate", "true positive rate (mean over queries)", "ROC"),
-        ("mean_precision", "recall", "interpolated precision (mean over queries)", "precision-recall"),
-    ):
-        fig = Figure(figsize=(5.5, 5), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        legend = len(per_category) <= 12
-        if len(per_category) > 1:
-            for cat, c in per_category.items():
-                m = result["per_category"][cat]
-                if m["n_queries"]:
-                    label = f"{cat} ({m['auc_mean_roc']:.3f})" if key == "mean_tpr" else f"{cat} ({m['map']:.3f})"
-                    ax.plot(grid, c[key], linewidth=0.8, alpha=0.7, label=label if legend else None)
-        overall = f"all ({result['auc_mean_roc_all_queries']:.3f})" if key == "mean_tpr" else f"all (mAP {result['map']:.3f})"
-        ax.plot(grid, curves["all"][key], color="black", linewidth=2.0, label=overall)
-        if key == "mean_tpr":
-            ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{name}: {title}" if title else name, fontsize=9)
-        ax.legend(fontsize=7, loc="lower right" if key == "mean_tpr" else "lower left")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        pngs.append(buf.getvalue())
+    with html_report.literal_text():  # category names are drawn as they are, `$` and `\\` included
+        for key, xlabel, ylabel, name in (
+            ("mean_tpr", "false positive rate", "true positive rate (mean over queries)", "ROC"),
+            ("mean_precision", "recall", "interpolated precision (mean over queries)", "precision-recall"),
+        ):
+            fig = Figure(figsize=(5.5, 5), dpi=100)
+            FigureCanvasAgg(fig)
+            ax = fig.add_subplot(1, 1, 1)
+            legend = len(per_category) <= 12
+            if len(per_category) > 1:
+                for cat, c in per_category.items():
+                    m = result["per_category"][cat]
+                    if m["n_queries"]:
+                        score = m["auc_mean_roc"] if key == "mean_tpr" else m["map"]
+                        label = f"{cat} ({score:.3f})"
+                        ax.plot(grid, c[key], linewidth=0.8, alpha=0.7, label=label if legend else None)
+            overall = (f"all ({result['auc_mean_roc_all_queries']:.3f})" if key == "mean_tpr"
+                       else f"all (mAP {result['map']:.3f})")
+            ax.plot(grid, curves["all"][key], color="black", linewidth=2.0, label=overall)
+            if key == "mean_tpr":
+                ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.01)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{name}: {title}" if title else name, fontsize=9)
+            ax.legend(fontsize=7, loc="lower right" if key == "mean_tpr" else "lower left")
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png")
+            pngs.append(buf.getvalue())
     return pngs[0], pngs[1]
 
 
