@@ -27,7 +27,7 @@ from cliquecnn_ray.stages import features as features_stage
 from cliquecnn_ray.stages import neighbours as neighbours_stage
 from cliquecnn_ray.stages import train as train_stage
 from tests.raycluster import REPO, LocalCluster, _env, process_name
-from tests.synthetic import class_images, commit_table, png_bytes
+from tests.synthetic import class_images, png_bytes
 from tests.test_ingest import video_bytes
 from tests.test_scaleout import FAST_HEALTH_CHECKS, _commit_random_features, _sorted_neighbours
 from tests.test_train import tiny_run
@@ -180,7 +180,7 @@ def _commit_frames_in_parts(run: str, parts: int = 12, per_part: int = 4) -> Non
     rundir.run_stage(out, {"synthetic": "frames"}, {}, write, force=True)
 
 
-FEATURES = ["features.batch_size=2"]
+FEATURES = ["features.kind=hog", "features.batch_size=2"]  # one fused Ray Data pass: read, describe, write
 DATA_TASKS = ("ray::ReadParque", "ray::MapBatches", "ray::MapBatche")
 
 
