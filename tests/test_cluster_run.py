@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cliquecnn_ray import network, raysetup, rundir, schema, storage
+from cliquecnn_ray import model_file, raysetup, rundir, schema, storage
 from cliquecnn_ray.config import load_config
 from cliquecnn_ray.rundir import StageDir
 from cliquecnn_ray.stages import features as features_stage
@@ -124,8 +124,8 @@ def test_training_worker_sigkilled_mid_training_resumes_to_the_uninterrupted_res
 
     uninterrupted = train_stage.run(load_config(None, [f"run={reference}", *TRAIN]), 0)["stats"]
     np.testing.assert_allclose(np.array(stats["losses"]), np.array(uninterrupted["losses"]), rtol=1e-5)
-    net, _ = network.load_model_bytes(storage.read_bytes(StageDir(run, 0, "model").file("model.pt")))
-    ref, _ = network.load_model_bytes(storage.read_bytes(StageDir(reference, 0, "model").file("model.pt")))
+    net, _ = model_file.load_model_bytes(storage.read_bytes(StageDir(run, 0, "model").file("model.pt")))
+    ref, _ = model_file.load_model_bytes(storage.read_bytes(StageDir(reference, 0, "model").file("model.pt")))
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(net.state_dict()[key], value, rtol=1e-4, atol=1e-5)
 

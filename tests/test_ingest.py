@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from cliquecnn_ray import schema, frame_sources, storage
+from cliquecnn_ray import frame_sources, schema, storage
 from cliquecnn_ray.config import IngestConfig, PipelineConfig
 from cliquecnn_ray.frame_sources import IngestError
 from cliquecnn_ray.rundir import StageDir
@@ -184,28 +184,22 @@ def _folder_with_bad_image(root):
         (root / "g" / f"f{i}.png").write_bytes(image(i) if i != 1 else b"\x89PNG\r\n\x1a\nnot really")
 
 
-def test_bad_image_errors_or_is_skipped_and_listed(tmp_path, ray_session):
+def test_bad_image_errors_or_is_skipped_and_listed(tmp_path, ray_session, caplog):
     _folder_with_bad_image(tmp_path / "imgs")
     cfg = cfg_for(str(tmp_path / "run"), [tmp_path / "imgs"])
     with pytest.raises(IngestError, match=r"imgs/g/f1\.png: undecodable image"):
         ingest_stage.run(cfg)
     assert StageDir(cfg.run, 0, "frames").record() is None
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("cliquecnn").addHandler(handler)
-    try:
+    with caplog.at_level(logging.WARNING, logger="cliquecnn_ray"):
         record = ingest_stage.run(cfg_for(cfg.run, cfg.sources, on_bad_frame="skip"))
-    finally:
-        logging.getLogger("cliquecnn").removeHandler(handler)
     skipped = record["stats"]["skipped_frames"]
     assert len(skipped) == 1
     assert skipped[0]["video_id"] == "g" and skipped[0]["frame_index"] == 1
     assert skipped[0]["file"].endswith("imgs/g/f1.png") and skipped[0]["source"] == str(tmp_path / "imgs")
     assert "undecodable" in skipped[0]["reason"]
     assert StageDir(cfg.run, 0, "frames").require()["stats"]["skipped_frames"] == skipped  # in _SUCCESS.json
-    assert any("skipped frame 1" in r.getMessage() and "f1.png" in r.getMessage() for r in records)
+    assert any("skipped frame 1" in r.getMessage() and "f1.png" in r.getMessage() for r in caplog.records)
     table = frames_of(cfg)
     assert table.column("frame_index").to_pylist() == [0, 2]  # the gap stays: position in natural order
     assert table.column("frame_id").to_pylist() == [0, 1]
@@ -340,7 +334,7 @@ def cut_video(path, n_frames: int = 40, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def test_truncated_video_is_an_error_or_a_listed_warning(tmp_path, ray_session):
+def test_truncated_video_is_an_error_or_a_listed_warning(tmp_path, ray_session, caplog):
     cut_video(tmp_path / "cut.mp4")
     with av.open(str(tmp_path / "cut.mp4")) as container:
         assert container.streams.video[0].frames == 40  # the container still declares every frame
@@ -349,20 +343,14 @@ def test_truncated_video_is_an_error_or_a_listed_warning(tmp_path, ray_session):
         ingest_stage.run(cfg)
     assert StageDir(cfg.run, 0, "frames").record() is None
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("cliquecnn").addHandler(handler)
-    try:
+    with caplog.at_level(logging.WARNING, logger="cliquecnn_ray"):
         record = ingest_stage.run(cfg_for(cfg.run, cfg.sources, on_bad_frame="skip"))
-    finally:
-        logging.getLogger("cliquecnn").removeHandler(handler)
     rows = record["stats"]["rows"]
     assert 0 < rows < 40
     (listed,) = record["stats"]["skipped_frames"]
     assert listed["video_id"] == "cut" and listed["frame_index"] == rows and listed["file"].endswith("cut.mp4")
     assert f"truncated: decoded {rows} of the 40 frames" in listed["reason"]
-    assert any("cut.mp4" in r.getMessage() and "truncated" in r.getMessage() for r in records)
+    assert any("cut.mp4" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
 
 
 def test_frame_stride_and_max_frames_do_not_count_as_truncation(tmp_path, ray_session):
