@@ -329,7 +329,8 @@ def open_image(data: bytes) -> tuple[Optional[Image.Image], str]:
             image = Image.open(io.BytesIO(data))
         width, height = image.size
         if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            return None, f"{width}×{height} pixels, over the limit of {Image.MAX_IMAGE_PIXELS} (PIL's MAX_IMAGE_PIXELS)"
+            limit = Image.MAX_IMAGE_PIXELS
+            return None, f"{width}×{height} pixels, over the limit of {limit} (PIL's MAX_IMAGE_PIXELS)"
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return None, f"undecodable image: {exc}"

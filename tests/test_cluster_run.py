@@ -80,6 +80,7 @@ def test_a_secret_key_reaches_the_workers_but_no_log_and_no_job_metadata(cluster
     logs = cluster.session_logs()
     files = [p for p in logs.rglob("*") if p.is_file()]
     assert len(files) > 10, files  # the raylets', GCS's, workers' and runtime-env agents' logs
+    assert len(list(logs.glob("raylet*.out"))) == len(cluster.nodes)  # of every node, the worker's too
     leaked = [str(p.relative_to(logs)) for p in files if sentinel.encode() in p.read_bytes()]
     assert leaked == [], f"the secret is in {leaked}"
     jobs = cluster.job_client().list_jobs()

@@ -1,9 +1,9 @@
 """Ingestion: videos, image folders and Parquet tables → the canonical frame table, on local disk and S3;
 stable ids; every kind of bad input fails with a message naming it."""
 import io
+import logging
 import os
 import re
-import logging
 
 import av
 import numpy as np
