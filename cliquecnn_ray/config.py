@@ -55,6 +55,7 @@ class IngestConfig:
     column_map: dict = field(default_factory=dict)  # Parquet sources: {source column: canonical column}
     category_from_folder: bool = False  # folder tree whose first level is the category
     default_category: str = "all"  # a single category unless the data say otherwise (docs/architecture.md#categories)
+    uri_roots: tuple = ()  # a `uri` column may also point below these folders / s3:// prefixes (besides its source's)
 
 
 @dataclass(frozen=True)
