@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from . import schema, storage
 from .config import PipelineConfig
+from .lease import hold
 from .pipeline import prepare_labels, resolve_builtin_data, stage_runner
 from .rundir import StageDir, run_stage
 
@@ -152,14 +153,20 @@ def _has_videos(cfg: PipelineConfig) -> bool:
     return len(set(vids.to_pylist())) < len(vids)
 
 
-def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
-    """Run (or resume) every baseline and the method's rounds' evaluations; returns {name: metrics}."""
+def run(cfg: PipelineConfig, force: bool = False, break_lock: bool = False) -> dict[str, dict]:
+    """Run (or resume) every baseline and the method's rounds' evaluations, holding the run's lease;
+    returns {name: metrics}."""
+    with hold(cfg.run, break_lock=break_lock):
+        return _run(cfg, force)
+
+
+def _run(cfg: PipelineConfig, force: bool) -> dict[str, dict]:
     from .training import total_steps
 
     cfg = resolve_builtin_data(cfg)
     evaluate, features, impute = stage_runner("evaluate"), stage_runner("features"), stage_runner("impute")
     stage_runner("ingest")(cfg, round_index=0, force=force)
-    cfg = prepare_labels(cfg)
+    cfg = prepare_labels(cfg, force)
     if not cfg.evaluate.labels:
         raise ValueError("baselines need labels: set evaluate.labels (a labels table) in the config")
     videos = _has_videos(cfg)

@@ -14,8 +14,8 @@ none changes which X are optimal for some choice of the λ's:
 
 * Problem shrinking (``coverage_patterns``): frames no clique covers add 0^p = 0 and are dropped; frames
   covered by the same set of cliques have equal columns of C and merge into one of M patterns with a
-  multiplicity w_m, so ||x_b C||_p^p = Σ_m w_m (x_b C_m)^p exactly (K = 100 cliques of 20 frames out of
-  N = 2,000: M ≈ 300–600).
+  multiplicity w_m, so ||x_b C||_p^p = Σ_m w_m (x_b C_m)^p exactly (M is far below N when cliques
+  overlap).
 * Term normalisation (``make_problem``): the S' and coverage terms are divided by their size at a random
   feasible binary X, the λ3 term by the point where binary X becomes stable, so λ1, λ2, λ3 are *relative*
   weights and one set of defaults holds from K = 30 to K = 2,000.
@@ -296,10 +296,10 @@ def solve_subproblem_exact(prob: Problem, G: np.ndarray, order: Sequence[tuple[s
     The hypograph s ≤ t^p of each concave power is a conic constraint (``_power``), never an
     approximation. tr(X S' Xᵀ) = ||X L||_F² with S' = L Lᵀ; the objective is multiplied by B·r so its
     per-entry coefficients are O(1). Tries (solver, cones) in ``order``; the next one on a failure, and
-    appends what failed and what solved it to ``fallbacks`` (the caller reports it once). Measured here
-    (synthetic, K = 50, B = 30 and K = 100, B = 100): Clarabel with 3-d power cones stops with
-    InsufficientProgress (p = 1/16 is close to the cone's edge), Clarabel with the second-order-cone tower
-    solves both (≈ 5 s and ≈ 20 s), SCS solves them more slowly (≈ 50 s).
+    appends what failed and what solved it to ``fallbacks`` (the caller reports it once). Clarabel with 3-d
+    power cones can stop with InsufficientProgress (p = 1/16 is close to the cone's edge), so the exact
+    second-order-cone tower goes first and SCS, slower, last (timings and fallbacks:
+    benchmarks/results/cccp.json, exact_s and exact_fallbacks).
 
     Returns X (B, K) float64 clipped to [0, 1]; raises SolverError when every attempt fails.
     """
@@ -480,8 +480,8 @@ def solve_subproblem_fast(prob: Problem, G: np.ndarray, X0: np.ndarray, tol: flo
     D-metric (``project_capped_simplex`` with scale 1/D); σ doubles until F falls by half the first-order
     decrease (Armijo) and halves after a step accepted at once. Why not plain or accelerated projected
     gradient: t^p's curvature p(1−p)t^{p−2} spans orders of magnitude across entries (off-batch entries sit
-    at t ≈ 0.001–0.01), so one step size fits no entry: FISTA with backtracking took 6,194 iterations on a
-    paper-scale sub-problem where this takes 41 (to 1e-10). Each step also keeps X ≥ X/``shrink`` (a trust
+    at t ≈ 0.001–0.01), so one step size fits no entry and FISTA with backtracking needs orders of
+    magnitude more iterations than this diagonal scaling. Each step also keeps X ≥ X/``shrink`` (a trust
     region from below): a Newton-like step from far above the optimum of a t^p term overshoots to near 0,
     where the curvature explodes.
 
@@ -571,8 +571,8 @@ def cccp(prob: Problem, X0: np.ndarray, solver: str = "fast", iters: int = 30, t
 
     Continuation on λ3: the push to binary starts at ``lambda3_start`` (None: at λ3) and grows by ``growth``
     per step up to prob's λ3, so the first steps arrange cliques while X is soft and the later ones
-    binarise it; a full λ3 from the start mostly keeps the rounding of X0 (measured: paper-scale synthetic
-    instance, within-batch similarity 0.60 of random's without continuation, below 0 with it). Once λ3 is
+    binarise it; a full λ3 from the start mostly keeps the rounding of X0, whose batches are little better
+    than random ones. Once λ3 is
     at its value f decreases monotonically (CCCP); stop when it changes by less than ``tol``·max(1, |f|)
     or after ``iters`` steps. ``solver``: "fast" (torch) or "exact" (cvxpy).
 

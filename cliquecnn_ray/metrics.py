@@ -33,7 +33,7 @@ from .similarity import iter_similarity_blocks, pearson_normalise
 
 ROC_POINTS = 101
 GRID = np.linspace(0.0, 1.0, ROC_POINTS)  # the authors' FPR grid (calculate_roc_auc.py); also our recall grid
-BYTES_PER_ENTRY = 160  # peak bytes per (query, candidate) entry: ranking_metrics ~90 (~140 with ties) + the block
+BYTES_PER_ENTRY = 160  # peak bytes per (query, candidate) entry: ranking_metrics' arrays (more with ties) + the block
 
 
 def row_block_for(n_database: int, memory_mb: float) -> int:
@@ -72,7 +72,7 @@ def ranking_metrics(scores, positive, valid=None) -> dict[str, np.ndarray]:
     pos = pos & val
     neg = ~pos & val
     # Left-out candidates sink below every real score (into their own tie group at the end). numpy's
-    # argsort is SIMD-vectorised: ~10× torch.sort on CPU. Order inside a tie is irrelevant (ties are grouped).
+    # argsort is SIMD-vectorised: faster than torch.sort on CPU. Order inside a tie is irrelevant (ties are grouped).
     s = np.where(val, s, -np.inf)
     order = np.argsort(-s, axis=1)
     ss = np.take_along_axis(s, order, 1)

@@ -11,7 +11,8 @@ from typing import Callable
 
 from . import storage
 from .config import PipelineConfig
-from .rundir import StageDir
+from .lease import hold
+from .rundir import StageDir, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ ALL_STAGES = ("ingest", "features") + ROUND_STAGES + ("evaluate", "report")
 
 # Built-in data sets a config may name as its only source / as its labels.
 BUILTIN_SOURCES = ("demo", "fashion_mnist")
+DEMO_LABELS = "demo_labels.parquet"
 
 
 def stage_runner(name: str) -> Callable[..., dict]:
@@ -42,22 +44,33 @@ def resolve_builtin_data(cfg: PipelineConfig) -> PipelineConfig:
     return cfg
 
 
-def prepare_labels(cfg: PipelineConfig) -> PipelineConfig:
-    """Labels named "demo" are made from the ingested frames (bikes.mp4 shots etc.), outside any round:
-    no training stage reads them."""
+def prepare_labels(cfg: PipelineConfig, force: bool = False) -> PipelineConfig:
+    """Labels named "demo" are made from the ingested frames (bikes.mp4 shots etc.) as the stage
+    ``round=0/labels``, so a re-ingest rebuilds them; no training stage reads them."""
     if cfg.evaluate.labels != "demo":
         return cfg
     from . import datasets
 
-    uri = storage.join(cfg.run, "labels", "demo_labels.parquet")
-    if not storage.exists(uri):
-        frames = StageDir(cfg.run, 0, "frames").read_table(columns=["frame_id", "video_id", "frame_index"])
-        storage.write_parquet(datasets.demo_labels(frames), uri)
-    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=uri))
+    frames = StageDir(cfg.run, 0, "frames")
+    out = StageDir(cfg.run, 0, "labels")
+
+    def compute(attempt_uri: str) -> dict:
+        table = datasets.demo_labels(frames.read_table(columns=["frame_id", "video_id", "frame_index"]))
+        storage.write_parquet(table, storage.join(attempt_uri, DEMO_LABELS))
+        return {"rows": table.num_rows}
+
+    run_stage(out, {"labels": "demo"}, {"frames": frames.fingerprint()}, compute, force=force)
+    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=out.file(DEMO_LABELS)))
 
 
-def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
-    """Run (or resume) the whole pipeline; returns the per-stage records and per-round metrics."""
+def run_pipeline(cfg: PipelineConfig, force: bool = False, break_lock: bool = False) -> dict:
+    """Run (or resume) the whole pipeline, holding the run's lease throughout (``break_lock`` takes it from
+    another holder); returns the per-stage records and per-round metrics."""
+    with hold(cfg.run, break_lock=break_lock):
+        return _run_pipeline(cfg, force)
+
+
+def _run_pipeline(cfg: PipelineConfig, force: bool) -> dict:
     started = time.time()
     cfg = resolve_builtin_data(cfg)
     timings: dict[str, float] = {}
@@ -71,7 +84,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
         return record
 
     step("ingest")
-    cfg = prepare_labels(cfg)
+    cfg = prepare_labels(cfg, force)
     step("features")
     evaluations = []
     for r in range(cfg.rounds):

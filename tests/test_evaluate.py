@@ -322,3 +322,4 @@ def test_stage_names_unknown_frame_ids(tmp_path, ray_session):
     with pytest.raises(schema.SchemaError, match=r"frame_id.*2 frame id\(s\).*\[777, 999\]"):
         stage.run(_cfg(run, labels_uri), round_index=0)
     assert StageDir(run, 0, "evaluate").record() is None  # nothing committed
+

@@ -292,7 +292,7 @@ def test_injected_failure_resumes_from_the_last_checkpoint_on_s3(trained, s3_buc
 
 
 def test_second_round_starts_from_the_previous_weights_on_two_ddp_workers(trained):
-    """Round 1 on 2 workers (the one DDP test: a 2-worker TorchTrainer costs ~20 s to start)."""
+    """Round 1 on 2 workers (the one DDP test: a 2-worker TorchTrainer is slow to start)."""
     from cliquecnn_ray.stages import train as stage
 
     run, _, _ = trained

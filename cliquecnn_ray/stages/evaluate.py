@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 from .. import figures, metrics, raysetup, schema, storage
-from ..config import PipelineConfig, to_dict
+from ..config import PipelineConfig
 from ..metrics import format_metrics_table
-from ..rundir import StageDir, run_stage, source_fingerprint
+from ..rundir import StageDir, StageNotCommitted, matches, run_stage, source_fingerprint
 from ..similarity import ltp_features, pearson_normalise
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,7 @@ def run(
         raise ValueError(f"evaluate: ltp_p must be ≥ 0, got {ltp_p}")
     features = StageDir(cfg.run, round_index, features_stage)
     frames = StageDir(cfg.run, 0, "frames")
-    inputs = {
-        "features": features.fingerprint(),
-        "frames": frames.fingerprint(),
-        "labels": source_fingerprint(ecfg.labels),
-    }
-    config = {"evaluate": to_dict(ecfg), "features_stage": features_stage, "ltp_p": ltp_p}
+    config, inputs = _spec(cfg, round_index, features_stage, ltp_p)
 
     def compute(attempt_uri: str) -> dict:
         result = evaluate_run(cfg, features, frames, ltp_p)
@@ -80,6 +75,29 @@ def run(
         return stats
 
     return run_stage(StageDir(cfg.run, round_index, out_stage), config, inputs, compute, force=force)
+
+
+def _spec(cfg: PipelineConfig, round_index: int, features_stage: str, ltp_p: int) -> tuple[dict, dict]:
+    """The stage's config and inputs: what its record must match."""
+    inputs = {
+        "features": StageDir(cfg.run, round_index, features_stage).fingerprint(),
+        "frames": StageDir(cfg.run, 0, "frames").fingerprint(),
+        "labels": source_fingerprint(cfg.evaluate.labels),
+    }
+    return {"evaluate": cfg.evaluate, "features_stage": features_stage, "ltp_p": ltp_p}, inputs
+
+
+def current_record(cfg: PipelineConfig, round_index: int) -> Optional[dict]:
+    """The round's committed evaluation if it was made with this config from the round's committed
+    features; None when there is none or it is stale (an older config, features recomputed since)."""
+    record = StageDir(cfg.run, round_index, "evaluate").record()
+    if record is None or not cfg.evaluate.labels:
+        return None
+    try:
+        config, inputs = _spec(cfg, round_index, "features", 0)
+    except (StageNotCommitted, storage.StorageError):
+        return None
+    return record if matches(record, config, inputs) else None
 
 
 # ---------------------------------------------------------------------------------------------

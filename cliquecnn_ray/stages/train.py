@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import schema, storage
-from ..config import PipelineConfig, config_hash, to_dict
+from ..config import PipelineConfig, config_hash, hashed_view
 from ..model_file import MODEL_FILE, load_model_bytes, model_meta, save_model_bytes
 from ..network import build_model, load_backbone, unwrap
 from ..progress import Progress
@@ -276,7 +276,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
         inputs["previous_model"] = previous.fingerprint()
         init_model = previous.file(MODEL_FILE)
     # This round's step count, not the whole list: changing a later round's steps keeps this round's model.
-    train_settings = {**to_dict(cfg.train), "steps": round_steps(cfg, round_index)}
+    train_settings = {**hashed_view(cfg.train), "steps": round_steps(cfg, round_index)}
     train_settings.pop("round_steps")
     stage_config = {"train": train_settings, "gpu": cfg.resources.gpus_for_training, "seed": cfg.seed}
     name = "train-" + hashlib.sha256(
