@@ -1,5 +1,5 @@
 """Report stage: gathers the run's committed outputs into one HTML page with its PNGs, committed as the
-stage ``<run>/report`` (``<run>/report/attempt-*/index.html``).
+stage ``<run>/report`` (``<run>/report/attempt-*/index.html``; ``<run>/report/index.html`` points at it).
 
 It shows only evaluations made with the current config from the current features
 (``evaluate.current_record``), and its fingerprint is made of what it shows, so it is rebuilt when any
@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import figures, html_report, schema, storage
 from ..config import PipelineConfig
+from ..lease import hold
 from ..rundir import StageDir, run_stage, source_fingerprint
 from ..similarity import similarity_tile
 from . import evaluate
@@ -63,8 +64,14 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
     if storage.exists(baselines):
         inputs["baselines"] = source_fingerprint(baselines)
     out = StageDir(cfg.run, None, "report")
-    return run_stage(out, {"rounds": cfg.rounds, "seed": cfg.seed}, inputs,
-                     lambda attempt_uri: _write_report(cfg, evaluations, attempt_uri), force=force)
+    with hold(cfg.run):
+        record = run_stage(out, {"rounds": cfg.rounds, "seed": cfg.seed}, inputs,
+                           lambda attempt_uri: _write_report(cfg, evaluations, attempt_uri), force=force)
+        # <run>/report/index.html points at the committed page, so the report keeps one address.
+        page = f"{record['attempt']}/index.html"
+        storage.write_bytes(storage.join(out.uri, "index.html"),
+                            f"<meta http-equiv='refresh' content='0; url={page}'><a href='{page}'>report</a>".encode())
+    return record
 
 
 def _write_report(cfg: PipelineConfig, evaluations: dict[int, Optional[dict]], out: str) -> dict:
