@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -100,7 +99,7 @@ def knn_graph(
     frame_ids: np.ndarray,
     neighbour_ids: np.ndarray,
     neighbour_sims: np.ndarray,
-    k: Optional[int] = None,
+    k: int | None = None,
     gamma: float = GAMMA,
 ) -> KnnGraph:
     """The KnnGraph of frames from their neighbour lists (a neighbours table's nn_ids / nn_sims).
@@ -157,7 +156,7 @@ def rerank(
     query_scores: np.ndarray,
     k: int,
     alpha: float,
-    seeds: Optional[int] = None,
+    seeds: int | None = None,
     tol: float = TOLERANCE,
     maxiter: int = MAX_ITERATIONS,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -229,3 +228,69 @@ def load_knn_graph(run: str, round_index: int, k: int, gamma: float = GAMMA) -> 
     if k > extremes.k:
         raise ValueError(f"{table_dir}: k = {k} asked, the table lists {extremes.k} neighbours per frame")
     return knn_graph(ids, extremes.nn_ids, extremes.nn_sims, k=k, gamma=gamma)
+
+
+class DiffusionRescorer:
+    """Re-scores blocks of evaluation queries by diffusion, for ``metrics.class_partial``'s ``rescore``.
+
+    Each query's initial results are its ``truncate`` most similar frames of a pool (its category's frames,
+    labelled or not: the graph's paths run through all of them), itself left out; ``rerank`` diffuses them.
+    The evaluated items among the reached results take scores above every initial score, in diffusion
+    order; the other items keep their initial scores below them. Memory: the pool's features (P, d), the
+    graph (N·k), and ``chunk`` × P initial similarities at a time.
+    """
+
+    def __init__(
+        self,
+        graph: KnnGraph,
+        pool_rows: np.ndarray,
+        pool_features: np.ndarray,
+        item_rows: np.ndarray,
+        alpha: float,
+        truncate: int,
+        seeds: int | None = None,
+        chunk: int = 128,
+    ):
+        """
+        Args:
+            graph: the round's KnnGraph.
+            pool_rows: (P,) graph rows initial results may come from (one category's frames).
+            pool_features: (P, d) their features, normalised as the evaluation's (a dot product is its score).
+            item_rows: (N,) graph row of each evaluated item, in the order of the evaluation's features.
+            alpha, seeds: as ``rerank``; truncate: initial results diffused per query (> seeds).
+        """
+        self.graph = graph
+        self.pool_rows = np.asarray(pool_rows, dtype=np.int64)
+        self.pool_features = np.ascontiguousarray(pool_features, dtype=np.float32)
+        self.alpha, self.truncate, self.seeds, self.chunk = float(alpha), int(truncate), seeds, int(chunk)
+        self.pool_of_row = np.full(len(graph), -1, dtype=np.int64)
+        self.pool_of_row[self.pool_rows] = np.arange(len(self.pool_rows))
+        self.item_pool = self.pool_of_row[np.asarray(item_rows, dtype=np.int64)]
+        if (self.item_pool < 0).any():
+            raise ValueError(f"diffusion: evaluated graph row {int(item_rows[np.argmax(self.item_pool < 0)])} is "
+                             "not in the candidate pool")
+        self.pool_item = np.full(len(self.pool_rows), -1, dtype=np.int64)
+        self.pool_item[self.item_pool] = np.arange(len(self.item_pool))
+        if not 0 < self.truncate < len(self.pool_rows):
+            self.truncate = len(self.pool_rows) - 1
+
+    def __call__(self, positions: np.ndarray, sims):
+        """``positions`` (R,) of the queries among the evaluated items, ``sims`` (R, N) their initial scores
+        (a torch tensor or an array, modified in place and returned)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        values = sims.numpy() if hasattr(sims, "numpy") else sims
+        for lo in range(0, len(positions), self.chunk):
+            query_pool = self.item_pool[positions[lo : lo + self.chunk]]
+            initial = self.pool_features[query_pool] @ self.pool_features.T  # (chunk, P)
+            initial[np.arange(len(query_pool)), query_pool] = -np.inf  # the query is not its own result
+            top = np.argpartition(-initial, self.truncate - 1, axis=1)[:, : self.truncate]
+            for i, (cand, row) in enumerate(zip(top, values[lo : lo + self.chunk])):
+                got, f = rerank(self.graph, self.pool_rows[cand], initial[i, cand], k=self.truncate,
+                                alpha=self.alpha, seeds=self.seeds)
+                reached = f > 0
+                items = self.pool_item[self.pool_of_row[got[reached]]]
+                keep = items >= 0
+                if keep.any():
+                    base = np.max(row[np.isfinite(row)]) + 1.0
+                    row[items[keep]] = base + f[reached][keep] / f[reached][keep].max()
+        return sims

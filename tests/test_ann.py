@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from cliquecnn_ray import ann
-
-from synthetic import clustered_features
+from tests.synthetic import clustered_features
 
 
 def test_exact_equals_brute_force():

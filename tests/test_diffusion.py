@@ -2,12 +2,15 @@
 reciprocal edges, and diffusion finds items along a manifold that Euclidean similarity ranks low."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from cliquecnn_ray import diffusion, rundir, schema, similarity
-
-from synthetic import commit_table
+from cliquecnn_ray import diffusion, metrics, rundir, schema, similarity, storage
+from cliquecnn_ray.config import PipelineConfig
+from tests.synthetic import commit_table, frames_table
 
 
 def exact_neighbours(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,3 +148,55 @@ def test_load_knn_graph_from_a_run(tmp_path, tiny):
         graph.rows_of([1])
     with pytest.raises(ValueError, match="lists 8"):
         diffusion.load_knn_graph(run, 1, k=9)
+
+
+
+def sphere_moons(per_moon: int = 60) -> np.ndarray:
+    """The two moons lifted onto the unit sphere: dot products fall with distance in the plane."""
+    x = np.concatenate([two_moons(per_moon), np.full((2 * per_moon, 1), 2.0)], 1)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_evaluation_rescored_by_diffusion_separates_the_moons():
+    feats = sphere_moons()
+    labels = np.repeat([0, 1], 60)
+    rows, nn_sims = exact_neighbours(feats @ feats.T, 5)
+    graph = diffusion.knn_graph(np.arange(120), rows, nn_sims)
+    items = np.arange(0, 120, 2)  # evaluated: every other frame; the rest are unlabelled frames on the paths
+    plain = metrics.summarise(metrics.class_partial(feats[items], labels[items], k=3))
+    rescorer = diffusion.DiffusionRescorer(graph, np.arange(120), feats, items, alpha=0.99, truncate=119)
+    diffused = metrics.summarise(metrics.class_partial(feats[items], labels[items], k=3, rescore=rescorer))
+    assert plain["map"] < 0.9 and diffused["map"] == pytest.approx(1.0)
+    assert diffused["knn"] == 1.0
+
+
+def test_evaluate_stage_with_diffusion(tmp_path, ray_session):
+    from cliquecnn_ray.stages import evaluate, neighbours
+
+    feats = sphere_moons(30)
+    labels = np.repeat(["upper", "lower"], 30)
+    run = str(tmp_path / "run")
+    images = np.random.default_rng(0).integers(0, 255, size=(60, 8, 8), dtype=np.uint8)
+    commit_table(run, 0, "frames", frames_table(images))
+    commit_table(run, 0, "features", schema.features_to_table(np.arange(60), feats))
+    items = np.arange(1, 60, 2)
+    labels_uri = str(tmp_path / "labels.parquet")
+    storage.write_parquet(pa.table({"frame_id": pa.array(items, pa.int64()), "label": pa.array(labels[items])}),
+                          labels_uri)
+    cfg = PipelineConfig(run=run)
+    dcfg = dataclasses.replace(cfg.evaluate.diffusion, k=4, alpha=0.95, truncate=40)
+    cfg = dataclasses.replace(cfg, neighbours=dataclasses.replace(cfg.neighbours, k=6), evaluate=dataclasses.replace(
+        cfg.evaluate, labels=labels_uri, pearson=False, rerank="diffusion", diffusion=dcfg, queries_per_task=8))
+    with pytest.raises(rundir.StageNotCommitted, match="neighbours"):
+        evaluate.run(cfg, 0)
+    neighbours.run(cfg, 0)
+    stats = evaluate.run(cfg, 0)["stats"]
+    graph = diffusion.load_knn_graph(run, 0, k=4)
+    rescorer = diffusion.DiffusionRescorer(graph, np.arange(60), feats, items, alpha=0.95, truncate=40)
+    codes, _ = metrics.encode_labels(labels[items])
+    expected = metrics.summarise(metrics.class_partial(feats[items], codes, k=cfg.evaluate.knn_k, rescore=rescorer))
+    plain = metrics.summarise(metrics.class_partial(feats[items], codes, k=cfg.evaluate.knn_k))
+    assert stats["map"] == pytest.approx(expected["map"]) and stats["auc"] == pytest.approx(expected["auc"])
+    assert stats["map"] > plain["map"]
+    with pytest.raises(ValueError, match="exceeds neighbours.k"):
+        evaluate.run(dataclasses.replace(cfg, neighbours=dataclasses.replace(cfg.neighbours, k=3)), 0)
