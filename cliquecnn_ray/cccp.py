@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 
 class BatchesError(ValueError):

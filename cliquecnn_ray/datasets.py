@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from . import schema, storage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Demo clips

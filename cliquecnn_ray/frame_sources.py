@@ -40,7 +40,7 @@ from PIL import Image
 from . import schema, storage
 from .config import IngestConfig
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ogv", ".3gp")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

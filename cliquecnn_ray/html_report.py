@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 
 def _png(fig) -> bytes:

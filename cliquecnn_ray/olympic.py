@@ -191,13 +191,13 @@ def olympic_auc(
                 )
         flipped = flipped_by_category.get(category)
         part = metrics.Partial.of_rows(anchor_metrics(labels, features, flipped))
-        metrics = metrics.summarise(part)
+        summary = metrics.summarise(part)
         per_category[category] = {
-            "auc_mean_roc": metrics["auc_mean_roc"],
-            "auc": metrics["auc"],
-            "map": metrics["map"],
-            "n_anchors": metrics["n_queries"],
-            "skipped_anchors": metrics["skipped_queries"],
+            "auc_mean_roc": summary["auc_mean_roc"],
+            "auc": summary["auc"],
+            "map": summary["map"],
+            "n_anchors": summary["n_queries"],
+            "skipped_anchors": summary["skipped_queries"],
             "flipped_candidates": int(labels.flip.sum()) if flipped is not None else 0,
             "mean_tpr": (part.tpr_sum / max(part.n_queries, 1)).tolist(),
         }

@@ -23,7 +23,7 @@ import pyarrow as pa
 from . import storage
 from .config import config_hash, to_dict
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS.json"
 
