@@ -279,6 +279,8 @@ class DiffusionRescorer:
         (a torch tensor or an array, modified in place and returned)."""
         positions = np.asarray(positions, dtype=np.int64)
         values = sims.numpy() if hasattr(sims, "numpy") else sims
+        if self.truncate < 1:  # a pool of one frame: nothing to re-rank
+            return sims
         for lo in range(0, len(positions), self.chunk):
             query_pool = self.item_pool[positions[lo : lo + self.chunk]]
             initial = self.pool_features[query_pool] @ self.pool_features.T  # (chunk, P)
