@@ -24,7 +24,7 @@ from cliquecnn_ray.config import load_config  # noqa: E402
 from cliquecnn_ray.metrics import format_metrics_table  # noqa: E402
 from cliquecnn_ray.pipeline import run_pipeline  # noqa: E402
 from cliquecnn_ray.rundir import StageDir  # noqa: E402
-from cliquecnn_ray.stages.train import round_steps  # noqa: E402
+from cliquecnn_ray.training import round_steps  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "fashion_mnist.json"
 KEYS = ("auc", "knn", "map")

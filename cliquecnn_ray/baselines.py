@@ -1,5 +1,5 @@
-"""Baselines on the same protocol (paper Sect. 3.1, DESIGN §9): raw pixels, HOG, HOG-LDA (± LTP where the
-frames form videos), a randomly initialised CNN, NN-CNN, and the full method without LTP.
+"""Baselines on the same protocol (paper Sect. 3.1, docs/evaluation.md#baselines): raw pixels, HOG, HOG-LDA
+(± LTP where the frames form videos), a randomly initialised CNN, NN-CNN, and the full method without LTP.
 
 NN-CNN is trained as the paper trains it (Sect. 3.1 v–vi): like the 1-sample CNN, "a separate class for
 each exemplar ... plus one class containing all other samples", where an exemplar's class is the exemplar
@@ -132,8 +132,8 @@ def _commit_random_model(cfg: PipelineConfig, force: bool) -> None:
     """A network with its random initial weights (same seed as round 0's), as a committed model."""
     import torch
 
-    from .network import build_model, save_model_bytes
-    from .stages.train import MODEL_FILE, model_meta
+    from .model_file import MODEL_FILE, model_meta, save_model_bytes
+    from .network import build_model
 
     def compute(attempt_uri: str) -> dict:
         torch.manual_seed(cfg.seed)
@@ -154,7 +154,7 @@ def _has_videos(cfg: PipelineConfig) -> bool:
 
 def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
     """Run (or resume) every baseline and the method's rounds' evaluations; returns {name: metrics}."""
-    from .stages.train import total_steps
+    from .training import total_steps
 
     cfg = resolve_builtin_data(cfg)
     evaluate, features, impute = stage_runner("evaluate"), stage_runner("features"), stage_runner("impute")

@@ -3,17 +3,20 @@
     cliquecnn ingest VIDEO_OR_FOLDER_OR_PARQUET... --run runs/mine
     cliquecnn features --run runs/mine [--kind hog_lda|hog|raw]
     cliquecnn neighbours --run runs/mine --round 0 neighbours.k=50
-    cliquecnn pipeline --config configs/demo.yaml rounds=2
+    cliquecnn pipeline --config demo rounds=2
 
-Every subcommand takes ``--run`` (a directory or s3:// URI), ``--config FILE`` and ``key=value``
-overrides (dotted keys of the config, e.g. ``train.steps=100``).
+Every subcommand takes ``--run`` (a directory or s3:// URI), ``--config FILE`` (or the bare name of a
+config shipped in the package: ``demo``, ``fashion_mnist``) and ``key=value`` overrides (dotted keys of
+the config, e.g. ``train.steps=100``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import json
 import logging
+import os
 import re
 import sys
 from typing import Optional
@@ -38,10 +41,28 @@ STAGE_HELP = {
 }
 
 
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in the package (``cliquecnn_ray/configs/<name>.yaml``)."""
+    folder = importlib.resources.files("cliquecnn_ray") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def config_path(name: Optional[str]) -> Optional[str]:
+    """A ``--config`` value → the file to load: an existing path as given; a bare name (``demo``,
+    ``demo.yaml``) that is not a file here → the config of that name shipped in the package, so an
+    installed ``cliquecnn`` finds its configs from any directory."""
+    if not name or os.path.exists(name) or os.path.dirname(name):
+        return name
+    file_name = name if name.endswith(".yaml") else f"{name}.yaml"
+    packaged = importlib.resources.files("cliquecnn_ray") / "configs" / file_name
+    return str(packaged) if packaged.is_file() else name
+
+
 def common_parser() -> argparse.ArgumentParser:
     """Options every command shares; reusable as a parent parser by other launchers (jobs/train.py)."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--config", help="YAML config (states only what differs from the defaults)")
+    parser.add_argument("--config", help="YAML config (states only what differs from the defaults), or the name of "
+                        f"one shipped in the package: {', '.join(packaged_configs())}")
     parser.add_argument("--run", help="run directory or s3://bucket/prefix (overrides the config's run)")
     parser.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else an embedded Ray")
     parser.add_argument("--force", action="store_true", help="recompute even if the stage is committed")
@@ -65,7 +86,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     positional = [item for item in args.items if not _OVERRIDE.match(item)]
     if getattr(args, "run", None):
         overrides.append(f"run={args.run}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(config_path(args.config), overrides)
     if positional:
         if getattr(args, "command", None) != "ingest":
             raise ConfigError(f"unexpected arguments {positional}: overrides take the form key=value")
@@ -140,7 +161,6 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         return 0
     if args.command == "baselines":
         from . import baselines
-
         from .metrics import format_metrics_table
 
         print(format_metrics_table(baselines.run(cfg, force=args.force)))

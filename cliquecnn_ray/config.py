@@ -30,7 +30,7 @@ def not_hashed(default: Any) -> Any:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """What each Ray task asks for, so an autoscaler adds the right nodes (DESIGN §10)."""
+    """What each Ray task asks for, so an autoscaler adds the right nodes (docs/architecture.md#the-stages)."""
 
     cpus_per_task: float = 1.0  # one core per similarity / CCCP / decode task is the natural grain
     gpus_for_training: bool = False  # CPU by default: CI and laptops have no GPU; set True on a GPU cluster
@@ -46,13 +46,13 @@ class IngestConfig:
     on_bad_frame: str = "error"  # "error" stops on an undecodable frame; "skip" skips and lists it
     column_map: dict = field(default_factory=dict)  # Parquet sources: {source column: canonical column}
     category_from_folder: bool = False  # folder tree whose first level is the category
-    default_category: str = "all"  # a single category unless the data say otherwise (DESIGN §1)
+    default_category: str = "all"  # a single category unless the data say otherwise (docs/architecture.md#categories)
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
     kind: str = "hog_lda"  # paper Sect. 2.1: whitened HOG; also "hog" (unwhitened) and "raw" pixels
-    image_size: int = 64  # DESIGN §3: frames resized to 64×64 grey before HOG
+    image_size: int = 64  # frames resized to 64×64 grey before HOG (docs/method.md#hog-lda)
     hog_orientations: int = 9  # Dalal–Triggs / skimage default
     hog_cell: int = 8  # 8-pixel cells, as the authors' HOG-LDA
     hog_block: int = 2  # 2×2-cell blocks, skimage default
@@ -64,7 +64,7 @@ class FeaturesConfig:
 @dataclass(frozen=True)
 class NeighboursConfig:
     k: int = 50  # only the extremes of the similarity distribution are trusted (paper Fig. 4b)
-    row_block: int = 4096  # rows per Ray task: ~6 s of one core at N = 113k, d = 512; little lost on a retry
+    row_block: int = 4096  # rows per Ray task: tasks of seconds at Olympic Sports size; little lost on a retry
     col_block: int = 32768  # columns per tile: wide tiles amortise the per-tile top-k work (gemm_ratio)
     tile_rows: int = 1024  # rows per tile: a 1024 × 32768 fp32 tile is 128 MB, reused within a task
     across_categories: bool = False  # the paper learns per category; never mix them unless asked
@@ -76,13 +76,13 @@ class CliquesConfig:
     min_sim: float = 0.0  # complete-linkage cut: every pair in a clique at least this similar (−1: size only)
     target_size: int = 20  # paper Fig. 3: cliques of at least 20 samples... at most this many here
     min_size: int = 4  # a clique of fewer frames teaches little
-    max_per_video: int = 5  # stop a clique from being neighbouring frames of one shot (DESIGN §6)
+    max_per_video: int = 5  # stop a clique from being neighbouring frames of one shot (docs/method.md#compact-cliques)
     num_cliques: int = 100  # K, paper Sect. 3.1
     seeds_per_task: int = 512  # seeds per parallel Ray task
     max_seeds: int = 0  # 0 = every frame of a category seeds a clique (paper); >0 a seeded random subset
     max_size: int = 40  # merged cliques stay ≤ 2·target_size: overlaps merge, chains do not grow into classes
     max_covered: float = 0.5  # selection skips a clique whose frames are mostly in already chosen ones
-    selection: str = "spread"  # one clique per k-means group of clique means, so K cliques cover all the data; "compact"
+    selection: str = "spread"  # one clique per k-means group of clique means: K cliques cover the data; "compact"
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,10 @@ class BatchesConfig:
     p: float = 0.0625  # p = 1/16 approximates a step function (paper Sect. 2.3)
     lambda1: float = 1.0  # per-batch coverage, relative to the S' term (both scaled by their size at random X)
     lambda2: float = 4.0  # total coverage: the relaxation credits unused cliques ~65% (0.001^p), so weigh it up
-    lambda3: float = 2.0  # push to binary; 1 = where binary X becomes stable for any K/r (batches.make_problem)
+    lambda3: float = 2.0  # push to binary; 1 = where binary X becomes stable for any K/r (cccp.make_problem)
     lambda3_start: float = 0.0625  # continuation: λ3 doubles from here each CCCP step, so X is arranged while soft
     solver: str = "fast"  # "fast" (torch, diagonally scaled projected gradient); "exact" (cvxpy + Clarabel)
-    cccp_iters: int = 30  # CCCP outer iterations; the paper-scale instance converges in ~10
+    cccp_iters: int = 30  # CCCP outer iterations; paper scale needs fewer (cccp.json: paper_fast_iters)
     cccp_tol: float = 1e-4  # stop when f changes by less than this (relative) once λ3 is at its value
     restarts: int = 4  # independent random starts, solved as parallel Ray tasks; best objective wins
     seed: int = 0  # seeds the restarts: same seed, same batches
@@ -111,10 +111,10 @@ class TrainConfig:
     steps: int = 300  # SGD steps per round; the paper's 1e5 is a GPU budget
     round_steps: tuple = ()  # steps of round r where listed (e.g. [1200, 400, 400]), `steps` beyond the list
     optimizer: str = "adagrad"  # paper: AdaGrad, lr 0.001; "sgd" uses momentum (Eq. 8)
-    lr: float = 0.001  # paper Sect. 3.1; 0.01 from scratch spiked the loss 1.4 → 28 in the first steps
-    lr_round_decay: float = 1.0  # round r trains at lr · decay^r: a new round's optimiser starts afresh on trained weights
+    lr: float = 0.001  # paper Sect. 3.1; ten times more, from scratch, makes the loss spike in the first steps
+    lr_round_decay: float = 1.0  # round r trains at lr · decay^r: a new round's optimiser restarts on trained weights
     head_warmup_steps: int = 100  # of `steps`, head-only when starting from a previous round (its new head is random)
-    head_warmup_lr: float = 0.005  # the head's lr during those steps: a random head must catch up with a trained backbone
+    head_warmup_lr: float = 0.005  # the head's lr in those steps: a random head must catch up with a trained backbone
     momentum: float = 0.9  # μ of Eq. 8 when optimizer = "sgd"
     weight_decay: float = 5e-4  # λ r(W) of Eq. 7
     num_workers: int = 1  # Ray Train workers (DDP); raise on a cluster

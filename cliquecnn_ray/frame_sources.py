@@ -1,4 +1,4 @@
-"""Ingestion without Ray (DESIGN §1–2): list sources, decode videos and images, map Parquet columns.
+"""Ingestion without Ray (docs/data-contracts.md#frames): list sources, decode videos and images, map Parquet columns.
 
 A source (one entry of ``cfg.sources``, a local path or ``s3://`` URI) is one of
 
@@ -124,15 +124,10 @@ def _stem(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path.replace("\\", "/")))[0]
 
 
-def absolute_uri(uri: str) -> str:
-    """Local paths made absolute, so Ray workers with another working directory find them."""
-    return uri if storage.is_s3(uri) else storage.resolve(uri)[1]
-
-
 def plan_source(source: str, position: int, cfg: IngestConfig) -> list[dict]:
     """The units of one source, in natural order. Raises IngestError / StorageError naming the source
     when it is missing, unreachable, empty or laid out unlike any supported form."""
-    uri = absolute_uri(source)
+    uri = storage.absolute_uri(source)
     if not storage.exists(uri):  # StorageError "cannot reach <uri>" when an S3 endpoint is down
         raise IngestError(f"input not found: {source}")
     base = {"source": source, "source_pos": position}

@@ -24,6 +24,12 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+def absolute_uri(uri: str) -> str:
+    """An s3:// URI as is; a local path made absolute (Ray workers run in other working directories)."""
+    uri = str(uri)
+    return uri if is_s3(uri) else os.path.abspath(uri)
+
+
 def join(base: str, *parts: str) -> str:
     base = str(base)
     if is_s3(base):

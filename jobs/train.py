@@ -1,6 +1,7 @@
 """The main job: the whole CliqueCNN pipeline on an embedded local Ray, or on a cluster.
 
     python jobs/train.py --config configs/demo.yaml                        # laptop: embedded Ray
+    python jobs/train.py --config demo                                     # the same config, shipped in the package
     ray submit cluster.yaml jobs/train.py -- --config configs/fashion_mnist.yaml run=s3://bucket/run
     RAY_ADDRESS=http://head:8265 python jobs/train.py --config ...          # an existing cluster
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 REPO = Path(__file__).resolve().parent.parent

@@ -56,3 +56,13 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
     code = cli.main(["cliques", "--run", str(tmp_path / "empty-run"), "-q"])
     err = capsys.readouterr().err
     assert code == 1 and "has no committed output" in err and "Traceback" not in err
+
+
+def test_bare_config_name_is_the_packaged_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: only the package's copy can answer
+    assert {"demo", "fashion_mnist"} <= set(cli.packaged_configs())
+    args = cli.parse_args(cli.build_parser(), ["pipeline", "--config", "demo", "rounds=1"])
+    cfg = cli.config_from_args(args)
+    assert cfg.sources == ("demo",) and cfg.rounds == 1 and cfg.train.steps == 60
+    (tmp_path / "demo").write_text("rounds: 3\n")  # a file of that name here wins: paths keep their meaning
+    assert cli.config_from_args(cli.parse_args(cli.build_parser(), ["pipeline", "--config", "demo"])).rounds == 3

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from cliquecnn_ray import schema, frame_sources, storage
+from cliquecnn_ray import frame_sources, schema, storage
 from cliquecnn_ray.config import IngestConfig, PipelineConfig
 from cliquecnn_ray.frame_sources import IngestError
 from cliquecnn_ray.rundir import StageDir

@@ -47,7 +47,8 @@ def write_sources(root: str) -> tuple[str, str]:
     labels_uri = storage.join(root, "sources", "labels.parquet")
     storage.write_parquet(table, frames_uri)
     storage.write_parquet(
-        pa.table({schema.FRAME_ID: pa.array(np.arange(len(labels), dtype=np.int64)), schema.LABEL: [str(x) for x in labels]}),
+        pa.table({schema.FRAME_ID: pa.array(np.arange(len(labels), dtype=np.int64)),
+                  schema.LABEL: [str(x) for x in labels]}),
         labels_uri,
     )
     return frames_uri, labels_uri

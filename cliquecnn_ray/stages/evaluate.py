@@ -1,8 +1,8 @@
-"""Evaluate stage (DESIGN §9): a round's features against the labels table, as Ray tasks.
+"""Evaluate stage (docs/evaluation.md): a round's features against the labels table, as Ray tasks.
 
 Reads the features of ``StageDir(run, round, features_stage)``, the frames table of round 0 (frame_id,
 video_id, frame_index, category) and the labels table ``cfg.evaluate.labels`` (never read by training), in
-either form of DESIGN §2:
+either form of docs/data-contracts.md#labels:
 - class labels (frame_id, label): every labelled frame is a query against the other labelled frames of
   its category (leave-one-out): per-query ROC AUC, AUC of the mean ROC, k-NN accuracy, mAP;
 - candidate lists (query_id, positive_ids, negative_ids): per-query AUC, AUC of the mean ROC (the Olympic
@@ -15,19 +15,17 @@ without the curves (read by the pipeline and the report).
 """
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 
-from .. import diffusion, metrics
-from .. import raysetup, schema, storage
+from .. import diffusion, figures, metrics, raysetup, schema, storage
 from ..config import PipelineConfig, to_dict
-from ..metrics import format_metrics_table  # noqa: F401  (re-exported: the pipeline and benchmarks use it)
-from ..similarity import ltp_features
+from ..metrics import format_metrics_table
 from ..rundir import StageDir, run_stage, source_fingerprint
+from ..similarity import ltp_features, pearson_normalise
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +79,8 @@ def run(
         if ecfg.rerank == "diffusion":
             result["protocol"]["diffusion"] = to_dict(ecfg.diffusion)
         storage.write_json(storage.join(attempt_uri, "metrics.json"), result)
-        roc_png, pr_png = plot_curves(result, title=f"{features}" + (f", LTP ±{ltp_p}" if ltp_p else ""))
+        title = f"{features}" + (f", LTP ±{ltp_p}" if ltp_p else "")
+        roc_png, pr_png = figures.roc_and_pr_curves_png(result, title=title)
         storage.write_bytes(storage.join(attempt_uri, "roc.png"), roc_png)
         storage.write_bytes(storage.join(attempt_uri, "pr.png"), pr_png)
         rows = {f"  {cat}": m for cat, m in result["per_category"].items()} if len(result["per_category"]) > 1 else {}
@@ -124,7 +123,7 @@ def evaluate_run(cfg: PipelineConfig, features: StageDir, frames: StageDir, ltp_
     frame_table = frames.read_table(columns=FRAME_COLUMNS)
     labels = storage.read_parquet(ecfg.labels)
     if ecfg.pearson:
-        feats = metrics.pearson_normalise(feats)  # per frame, before pooling: pooled vectors stay centred, unit norm
+        feats = pearson_normalise(feats)  # per frame, before pooling: pooled vectors stay centred, unit norm
     if ltp_p > 0:
         feats = ltp_features(ids, feats, frame_table, ltp_p)
     category_of = _categories_by_row(ids, frame_table, str(features))
@@ -284,50 +283,6 @@ def _class_task_fn(feats, codes, k, start, stop, row_block, rescore=None) -> met
 def _candidate_task_fn(feats, query_rows, cand, positive, valid) -> metrics.Partial:
     scores = metrics.candidate_scores(feats[query_rows], feats, cand)
     return metrics.candidate_partial(scores, positive, valid)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pictures
-
-
-def plot_curves(result: dict[str, Any], title: str = "") -> tuple[bytes, bytes]:
-    """PNG bytes of the mean ROC curves and the mean interpolated precision-recall curves, per category
-    (thin) and over all queries (thick), from ``result["curves"]``. Matplotlib's Agg canvas, no pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    curves = result["curves"]
-    grid = np.asarray(curves["grid"])
-    per_category = curves["per_category"]
-    pngs = []
-    for key, xlabel, ylabel, name in (
-        ("mean_tpr", "false positive rate", "true positive rate (mean over queries)", "ROC"),
-        ("mean_precision", "recall", "interpolated precision (mean over queries)", "precision-recall"),
-    ):
-        fig = Figure(figsize=(5.5, 5), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        legend = len(per_category) <= 12
-        if len(per_category) > 1:
-            for cat, c in per_category.items():
-                m = result["per_category"][cat]
-                if m["n_queries"]:
-                    label = f"{cat} ({m['auc_mean_roc']:.3f})" if key == "mean_tpr" else f"{cat} ({m['map']:.3f})"
-                    ax.plot(grid, c[key], linewidth=0.8, alpha=0.7, label=label if legend else None)
-        overall = f"all ({result['auc_mean_roc_all_queries']:.3f})" if key == "mean_tpr" else f"all (mAP {result['map']:.3f})"
-        ax.plot(grid, curves["all"][key], color="black", linewidth=2.0, label=overall)
-        if key == "mean_tpr":
-            ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{name}: {title}" if title else name, fontsize=9)
-        ax.legend(fontsize=7, loc="lower right" if key == "mean_tpr" else "lower left")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        pngs.append(buf.getvalue())
-    return pngs[0], pngs[1]
 
 
 def read_metrics(cfg: PipelineConfig, round_index: int = 0, out_stage: str = "evaluate") -> Optional[dict]:

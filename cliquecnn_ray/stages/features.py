@@ -1,10 +1,10 @@
-"""Features stage (DESIGN §3): frames → per-frame similarity features, with Ray Data.
+"""Features stage (docs/method.md#hog-lda): frames → per-frame similarity features, with Ray Data.
 
 Pass 1 (``map_batches``): decode, crop to bbox, resize, describe (HOG or raw pixels).
 For ``hog_lda``: pass 2 reduces the whitening statistics over shards (partial Σx, Σxxᵀ, n per
 ``stats_batch_size`` frames, summed on the driver), the driver computes (μ, W), and pass 3 whitens.
 The last pass writes each batch's features itself as a plain ``fixed_size_list<float32>[d]`` Parquet file
-(``schema.features_to_table``), so any Parquet reader reads the output (DESIGN §2).
+(``schema.features_to_table``), so any Parquet reader reads the output (docs/data-contracts.md#features).
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import hog
-from .. import raysetup, schema, storage
+from .. import hog, raysetup, schema, storage
 from ..config import FeaturesConfig, PipelineConfig
 from ..rundir import StageDir, run_stage
 

@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 
-from .. import html_report, schema, storage
+from .. import figures, html_report, schema, storage
 from ..config import PipelineConfig
-from ..similarity import similarity_tile
 from ..rundir import StageDir
+from ..similarity import similarity_tile
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,16 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
         rows_v = html_report.pick_longest_video(video_ids[order])
         if rows_v is not None:
             idx = order[rows_v]
-            files["fig1_similarity_matrix.png"] = html_report.similarity_matrices_png(
+            files["fig1_similarity_matrix.png"] = figures.similarity_matrices_png(
                 before[1][idx], after[1][idx], f"video {video_ids[idx[0]]}"
             )
             sections.append(("Similarity matrix of one video (paper Fig. 1)", "<img src='fig1_similarity_matrix.png'>"))
         files["fig2_nearest_neighbours.png"] = _neighbour_means(cfg, before[1], after[1], final_round)
         sections.append((f"Mean of the {NEIGHBOURS_SHOWN} nearest neighbours of a few queries (paper Fig. 2)",
                          "<img src='fig2_nearest_neighbours.png'>"))
-        files["fig4_spectrum.png"] = html_report.spectrum_png(
-            {"HOG-LDA (round 0)": html_report.eigen_spectrum(before[1]),
-             f"round {final_round}": html_report.eigen_spectrum(after[1])}
+        files["fig4_spectrum.png"] = figures.spectrum_png(
+            {"HOG-LDA (round 0)": figures.eigen_spectrum(before[1]),
+             f"round {final_round}": figures.eigen_spectrum(after[1])}
         )
         sections.append(("Cumulative eigenvalue spectrum of the similarities (paper Fig. 4)",
                          "<img src='fig4_spectrum.png'>"))
@@ -134,4 +134,4 @@ def _neighbour_means(cfg: PipelineConfig, before: np.ndarray, after: np.ndarray,
         means = {name: images[[position[int(j)] for j in idx[qi]]].astype(np.float32).mean(axis=0)
                  for name, idx in wanted.items()}
         rows.append((images[position[int(q)]], means))
-    return html_report.neighbour_means_png(rows)
+    return figures.neighbour_means_png(rows)
