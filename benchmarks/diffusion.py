@@ -9,13 +9,14 @@ diffused on the round's k-NN graph. α and the graph's k are chosen on validatio
 once, for the reported figures. Average query expansion, the simple alternative, is tuned and measured the
 same way.
 
-    .venv/bin/python benchmarks/diffusion.py [RUN]        # default runs/fashion_mnist (a finished run)
+    .venv/bin/python benchmarks/diffusion.py [RUN] [--round R]   # default runs/fashion_mnist, its last round
 
 Runs the neighbours stage for the last round first when that round has none (an ordinary stage; the
 pipeline computes neighbours only for rounds it trains on). Writes benchmarks/results/diffusion.json.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -120,12 +121,14 @@ def compare(cfg: PipelineConfig, feats: np.ndarray, rows: np.ndarray, codes: np.
 
 
 def measure_diffusion_gain(run_uri: str, config: str | Path = CONFIG, alphas=ALPHAS, graph_ks=GRAPH_KS,
-                           validation_queries: int = VALIDATION_QUERIES, test_queries: int = TEST_QUERIES) -> dict:
+                           validation_queries: int = VALIDATION_QUERIES, test_queries: int = TEST_QUERIES,
+                           round_index: int | None = None) -> dict:
     """mAP on the test queries with diffusion (α, k chosen on validation labels) minus without, and the same
-    for average query expansion (n chosen the same way). Returns the results dict."""
+    for average query expansion (n chosen the same way), on ``round_index``'s features (default: the last
+    round's). Returns the results dict."""
     started = time.time()
     cfg = resolve_builtin_data(load_config(config, [f"run={run_uri}"]))
-    round_index = last_round(cfg.run)
+    round_index = last_round(cfg.run) if round_index is None else round_index
     neighbours.run(cfg, round_index)  # the ordinary stage; committed already → skipped
     graph_ks = tuple(k for k in graph_ks if k <= cfg.neighbours.k)
     graphs = {k: diffusion.load_knn_graph(cfg.run, round_index, k, cfg.evaluate.diffusion.gamma) for k in graph_ks}
@@ -169,9 +172,12 @@ def measure_diffusion_gain(run_uri: str, config: str | Path = CONFIG, alphas=ALP
 
 
 def main() -> None:
-    run = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "runs" / "fashion_mnist")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", default=str(ROOT / "runs" / "fashion_mnist"), help="a finished run")
+    parser.add_argument("--round", type=int, dest="round_index", help="whose features (default: the last round)")
+    args = parser.parse_args()
     raysetup.setup_logging()
-    result = measure_diffusion_gain(run)
+    result = measure_diffusion_gain(args.run, round_index=args.round_index)
     val = result["validation"]
     rows = {"validation: without": val["without"]}
     rows.update({f"validation: diffusion k {c['k']}, α {c['alpha']}": c for c in val["diffusion"]})
