@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,6 @@ VALIDATION_SIZE = 5000
 VALIDATION_QUERIES = 1000  # of the 5,000 (against all 5,000): the candidates' solves fit a shared machine
 TEST_QUERIES = 2000  # of the 10,000 test images (against all 10,000), with and without on the same queries
 KEYS = ("auc", "knn", "map")
-log = logging.getLogger("benchmarks.diffusion")
 
 
 def validation_frame_ids(n_train: int = 60000, size: int = VALIDATION_SIZE) -> np.ndarray:
@@ -112,11 +110,11 @@ def compare(cfg: PipelineConfig, feats: np.ndarray, rows: np.ndarray, codes: np.
         rescorer = diffusion.DiffusionRescorer(graphs[k], everything, feats, rows, alpha, truncate, initial=initial)
         out["diffusion"].append({"k": k, "alpha": alpha, **protocol_metrics(cfg, feats, rows, codes, rescorer,
                                                                            queries=queries)})
-        log.info("diffusion k %d, α %s: %s", k, alpha, out["diffusion"][-1])
+        print(f"diffusion k {k}, α {alpha}: {out['diffusion'][-1]}", flush=True)
     for n in qe_sizes:
         rescorer = QueryExpansionRescorer(feats, rows, n, initial=initial)
         out["query_expansion"].append({"n": n, **protocol_metrics(cfg, feats, rows, codes, rescorer, queries=queries)})
-        log.info("query expansion n %d: %s", n, out["query_expansion"][-1])
+        print(f"query expansion n {n}: {out['query_expansion'][-1]}", flush=True)
     return out
 
 
