@@ -144,8 +144,17 @@ class EvaluateConfig:
     knn_k: int = 5  # k-NN classification, paper's PASCAL protocol
     category: str = ""  # evaluate one category only ("" = all)
     pearson: bool = True  # similarity = Pearson correlation (centre + L2-normalise each vector), paper's protocol
+    exclude_same_video: bool = False  # True: a query's candidates exclude its own clip's frames (cross-video)
     memory_mb: int = 1024  # per task, for whole similarity rows and their ranks (~160 B per entry): sets row blocks
     queries_per_task: int = 4096  # query rows per Ray task: tasks of seconds, enough of them to spread
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Size of a generated built-in data set (``sources: [moving_fashion_mnist]``); its seed is the run's."""
+
+    train_clips: int = 3000  # clips of training images (issue 11: 3,000 + 500 clips = 70,000 frames)
+    test_clips: int = 500  # clips of test images, whose labels only the evaluation reads
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,7 @@ class PipelineConfig:
     sources: tuple = ()  # what to ingest: video files, image folders, Parquet paths/URIs
     rounds: int = 3  # paper Sect. 2.6: converges in fewer than four rounds
     seed: int = 0  # one seed for the run; stages derive theirs from it
+    dataset: DatasetConfig = DatasetConfig()
     ingest: IngestConfig = IngestConfig()
     features: FeaturesConfig = FeaturesConfig()
     neighbours: NeighboursConfig = NeighboursConfig()
