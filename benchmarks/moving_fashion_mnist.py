@@ -88,7 +88,8 @@ def main() -> None:
         "round0_references": refs,
         "ablations": ablations,
         "error_reduction": evidence.error_reduction(final["auc"], per_round[0]["auc"]),
-        "error_reduction_vs_best_handcrafted": evidence.error_reduction(final["auc"], evidence.best_handcrafted_auc(refs)),
+        "error_reduction_vs_best_handcrafted": evidence.error_reduction(final["auc"],
+                                                                        evidence.best_handcrafted_auc(refs)),
         "ltp_gain_auc": round(final["auc"] - noltp_rounds[-1]["auc"], 4),
         "cccp_gain_auc": round(per_round[1]["auc"] - random_batches["auc"], 4),
         "rounds_monotone": all(b > a for a, b in zip(aucs[1:], aucs[2:])) and aucs[1] > aucs[0],
@@ -109,7 +110,8 @@ def main() -> None:
           f"{cfg.dataset.train_clips + cfg.dataset.test_clips} clips unlabelled for training")
     print(format_metrics_table(rows))
     print(f"\nerror reduction vs the best hand-made similarity: {results['error_reduction_vs_best_handcrafted']:.3f} "
-          f"(goal ≥ 0.40); vs HOG-LDA {results['error_reduction']:.3f}; rounds monotone: {results['rounds_monotone']}; "
+          f"(goal ≥ 0.40); vs HOG-LDA {results['error_reduction']:.3f}; "
+          f"rounds monotone: {results['rounds_monotone']}; "
           f"LTP gain {results['ltp_gain_auc']:+.4f}; CCCP gain {results['cccp_gain_auc']:+.4f}; "
           f"beats every baseline: {results['beats_every_baseline']}")
     print("seconds:", json.dumps(stage_seconds))

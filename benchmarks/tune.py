@@ -26,7 +26,7 @@ from cliquecnn_ray import datasets, hog, metrics  # noqa: E402
 from cliquecnn_ray.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tune.json"
-LAMBDAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # relative to tr(cov)/D: from nearly full whitening to mostly plain HOG
+LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # relative to tr(cov)/D: from nearly full whitening to mostly plain HOG
 
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -46,7 +46,8 @@ def validation_data(name: str, cfg) -> dict:
         return {"images": np.concatenate([train, test]), "rows": rows, "labels": train_labels[rows], "videos": None}
     clips = datasets.moving_fashion_mnist_clips(cfg.dataset.train_clips, cfg.dataset.test_clips, cfg.seed)
     rows = datasets.moving_fashion_mnist_validation_rows(cfg.dataset.train_clips, clips["frames_per_clip"], cfg.seed)
-    return {"images": clips["frames"], "rows": rows, "labels": clips["classes"][rows], "videos": clips["video_ids"][rows]}
+    return {"images": clips["frames"], "rows": rows, "labels": clips["classes"][rows],
+            "videos": clips["video_ids"][rows]}
 
 
 def _figures(feats: np.ndarray, data: dict, knn_k: int) -> dict:
@@ -91,10 +92,10 @@ def tune(name: str) -> dict:
 
 def main() -> None:
     names = sys.argv[1:] or ["fashion_mnist", "moving_fashion_mnist"]
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for name in names:
-        results[name] = tune(name)
-        r = results[name]
+        r = tune(name)
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}  # other data sets' entries kept
+        results[name] = r
         ref = max(r["references"].values(), key=lambda m: m["auc"])["auc"]
         print(f"{name}: selected λ = {r['selected']['lda_lambda']} (config has {r['config_value']}); "
               f"best validation AUC / best reference AUC = "

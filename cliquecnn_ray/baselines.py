@@ -222,7 +222,8 @@ def random_batches_of_cliques(cfg: PipelineConfig, force: bool = False) -> dict:
     for name, tbl in (("cliques_randombatches", table), ("batches_randombatches", _batches_table(drawn))):
         run_stage(StageDir(cfg.run, 0, name), settings, inputs, lambda attempt, tbl=tbl: _write(tbl, attempt),
                   force=force)
-    one_round = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=round_steps(cfg, 0), round_steps=()))
+    one_round = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=round_steps(cfg, 0),
+                                                                   round_steps=()))
     stage_runner("train")(one_round, 0, force=force, variant="_randombatches")
     stage_runner("impute")(cfg, 0, force=force, model_stage="model_randombatches", out_stage="features_randombatches")
     record = stage_runner("evaluate")(cfg, 1, force=force, features_stage="features_randombatches",

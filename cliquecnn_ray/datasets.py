@@ -174,7 +174,8 @@ def load_fashion_mnist(split: str, directory: Optional[Path] = None) -> tuple[np
 FASHION_VALIDATION_SIZE = 5000  # of the 60,000 training images, as the issue's protocol
 
 
-def fashion_mnist_validation_ids(seed: int = 0, size: int = FASHION_VALIDATION_SIZE, n_train: int = 60000) -> np.ndarray:
+def fashion_mnist_validation_ids(seed: int = 0, size: int = FASHION_VALIDATION_SIZE,
+                                 n_train: int = 60000) -> np.ndarray:
     """The validation split of Fashion-MNIST: ``size`` of the ``n_train`` TRAINING images, drawn by ``seed``;
     sorted positions in the training split (int64). Tuning reads these images' labels, never the test
     split's; training still reads no label at all."""

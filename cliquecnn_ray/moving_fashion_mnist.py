@@ -22,8 +22,8 @@ CANVAS = 64  # pixels per side, as Moving MNIST
 FRAMES = 20  # frames per clip, as Moving MNIST (10 input + 10 predicted there)
 SCALE_RANGE = (0.8, 1.2)
 ROTATION_DEG = 20.0
-BRIGHTNESS_RANGE = (0.6, 1.0)  # the item's peak grey level, relative to white
-BACKGROUND_RANGE = (0.15, 0.65)  # the background's grey levels are rescaled into this band: item stays visible
+BRIGHTNESS_RANGE = (0.75, 1.0)  # the item's peak grey level, relative to white
+BACKGROUND_RANGE = (0.1, 0.6)  # the background's grey levels are rescaled into this band: item stays visible
 SPEED_RANGE = (1.5, 3.5)  # pixels per frame, as Moving MNIST's ~2-3
 
 # Real photographs shipped inside scikit-image's package data (no download): scenes, textures, micrographs.

@@ -106,7 +106,8 @@ def evaluate_run(cfg: PipelineConfig, features: StageDir, frames: StageDir, ltp_
     # Clip of each row as an int code, when a query's own clip is left out of its candidates (cross-video).
     video_of = None
     if ecfg.exclude_same_video:
-        video_of = metrics.encode_labels(_column_by_row(ids, frame_table, schema.VIDEO_ID, str(features)).astype(str))[0]
+        videos = _column_by_row(ids, frame_table, schema.VIDEO_ID, str(features))
+        video_of = metrics.encode_labels(videos.astype(str))[0]
     raysetup.init_ray()
     cpus = cfg.resources.cpus_per_task
     if schema.LABEL in labels.column_names:
