@@ -38,6 +38,12 @@ def summary(result: dict) -> str:
     if "error_reduction_vs_best_handcrafted" in result:
         parts.append(f"vs the best hand-made similarity (`error_reduction_vs_best_handcrafted`) "
                      f"{result['error_reduction_vs_best_handcrafted']:.3f}")
+    else:  # a JSON written before the key existed: the same formula over its stored figures, said so
+        refs = {**result["round0_references"], "hog_lda": result["per_round"][0]}
+        best = max(m["auc"] for m in refs.values())
+        parts.append(f"vs the best hand-made similarity {1 - (1 - result['auc_final']) / (1 - best):.3f} (computed "
+                     f"here from the stored AUCs: this JSON predates `error_reduction_vs_best_handcrafted` and "
+                     f"`selected_on`)")
     for key in ("ltp_gain_auc", "cccp_gain_auc", "rounds_monotone", "selected_on"):
         if key in result:
             parts.append(f"`{key}` {result[key]}")

@@ -26,7 +26,7 @@ from cliquecnn_ray import datasets, hog, metrics  # noqa: E402
 from cliquecnn_ray.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tune.json"
-LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # relative to tr(cov)/D: from nearly full whitening to mostly plain HOG
+LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # × tr(cov)/D: whitening … plain HOG
 
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:

@@ -56,7 +56,7 @@ class FeaturesConfig:
     hog_orientations: int = 9  # Dalal–Triggs / skimage default
     hog_cell: int = 8  # 8-pixel cells, as the authors' HOG-LDA
     hog_block: int = 2  # 2×2-cell blocks, skimage default
-    lda_lambda: float = 0.02  # Σ + λI as in the authors' MATLAB HOG-LDA; keeps Σ invertible
+    lda_lambda: float = 1.0  # Σ = cov + λ·tr(cov)/D·I, scale-free; chosen on Fashion-MNIST validation (tune.py)
     batch_size: int = 512  # frames per Ray Data batch: large enough to amortise, small in memory
     stats_batch_size: int = 8192  # frames per partial Σ sum and per output file: few partials, few files
 

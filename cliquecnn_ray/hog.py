@@ -334,7 +334,7 @@ def reduce_stats(parts: Sequence[WhiteningStats]) -> WhiteningStats:
     return total_sum, total_outer, count
 
 
-def whitening_transform(stats: WhiteningStats, lam: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+def whitening_transform(stats: WhiteningStats, lam: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(μ (D,), W (D, D)) from reduced statistics: Σ = cov + λ·(tr(cov)/D)·I, W = Σ^{-1/2} (symmetric, eigh).
 
     cov is the maximum-likelihood covariance (divides by n). λ is relative to the mean variance tr(cov)/D
