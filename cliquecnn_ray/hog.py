@@ -1,9 +1,9 @@
-"""Initial similarities (paper Sect. 2.1, DESIGN §3): decode → crop → resize → HOG → LDA whitening.
+"""Initial similarities (paper Sect. 2.1, docs/method.md#hog-lda): decode → crop → resize → HOG → LDA whitening.
 
 Pure functions over arrays (numpy / torch / PIL); no Ray here. The Ray layer is ``stages/features.py``.
 
 Decisions: HOG is ``skimage.feature.hog`` (L2-Hys blocks, no sqrt transform) and ``hog_batch`` replicates it
-to ~5e-8. LDA: Σ = cov (ML, /n) + λI with λ absolute (not scaled), W = Σ^{-1/2} (symmetric, eigh).
+up to float32 rounding. LDA: Σ = cov (ML, /n) + λI with λ absolute (not scaled), W = Σ^{-1/2} (symmetric, eigh).
 Feature kinds: "hog_lda" φ = normalise((x − μ)W); "hog" normalise(x) (cosine); "raw" centred pixels,
 normalised (Pearson). A descriptor of norm ~0 (a blank frame under "hog" / "raw") becomes the zero vector:
 similarity 0 to everything, never NaN; the stage reports such frames.
@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image
 
 from . import storage
-
 
 # ---------------------------------------------------------------------------------------------
 # Decoding
@@ -95,7 +94,7 @@ def _crop(img: Image.Image, box: Sequence[float], frame_id: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# HOG (DESIGN §3): skimage.feature.hog is the reference; hog_batch is a batched torch replica of it
+# HOG (docs/method.md#hog-lda): skimage.feature.hog is the reference; hog_batch is a batched torch replica of it
 
 
 def hog_reference(image: np.ndarray, orientations: int = 9, cell: int = 8, block: int = 2) -> np.ndarray:
@@ -183,11 +182,11 @@ def hog_batch(
     (block row, block col, cell row in block, cell col in block, orientation).
 
     Differences from skimage are rounding only (cell sums in float32, as skimage's ``float total``):
-    max abs difference ~5e-8 on uint8 images (tests/test_features.py).
+    tests/test_features.py bounds the difference; benchmarks/results/hog.json holds max_abs_diff_vs_skimage.
 
     Chunks of images run on ``threads`` Python threads, each with single-threaded torch ops (torch and
     numpy release the GIL): on these small tensors OpenMP's intra-op threads cost more than they give,
-    and collapse (10×) when the machine is oversubscribed.
+    and collapse when the machine is oversubscribed.
 
     Args:
         images: (N, H, W) uint8 or float array / tensor (grey).

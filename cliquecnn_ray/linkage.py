@@ -1,4 +1,4 @@
-"""Compact cliques (paper Sect. 2.2, DESIGN §6): pure functions over numpy arrays; the Ray layer is
+"""Compact cliques (paper Sect. 2.2, docs/method.md#compact-cliques): pure functions over numpy arrays; the Ray layer is
 ``stages/cliques.py``.
 
 The pipeline for one category, on frames indexed locally 0..n-1:
@@ -30,14 +30,14 @@ The pipeline for one category, on frames indexed locally 0..n-1:
 3. ``select_cliques`` — K of the cliques of at least ``min_size`` frames. ``selection = "spread"``
    (default): the cliques are grouped into K groups by spherical k-means of their mean features and the
    most compact clique of each group is taken, so the K cliques spread over the whole data rather than
-   piling up in its densest mode (on Fashion-MNIST the K most compact HOG-LDA cliques are 55% trousers;
-   spread ones follow the data, ~10% per class). ``selection = "compact"``: greedy in decreasing
+   piling up in its densest mode (where the K most compact cliques would mostly come from one class).
+   ``selection = "compact"``: greedy in decreasing
    compactness. Either way a clique is skipped while more than ``max_covered`` of its frames are already
    in chosen cliques; if fewer than K are chosen, the skipped ones fill up in the same order.
 4. ``clique_similarity`` — S'_ab = mean_{i∈a, j∈b} φ_iᵀφ_j = m_aᵀm_b with m_a the clique's mean feature
    (O(K·d), never a frame-by-frame matrix). The diagonal S'_aa = ‖m_a‖² is the mean over all pairs of a
    *including* self-pairs, so S' = M Mᵀ is a Gram matrix (PSD up to rounding); ``project_psd`` zeroes
-   negative eigenvalues and projects back (DESIGN §6) as a guard.
+   negative eigenvalues and projects back (docs/method.md#clique-similarity) as a guard.
 
 Compactness = mean pairwise similarity over distinct pairs (self-pairs excluded):
 (‖Σ_i φ_i‖² − Σ_i ‖φ_i‖²) / (m(m − 1)); a single frame has compactness 1.
@@ -467,8 +467,8 @@ def clique_similarity(cliques: Sequence[np.ndarray], features: np.ndarray) -> np
 
 def project_psd(sim: np.ndarray, tol: float = 1e-10) -> np.ndarray:
     """Nearest PSD matrix (Frobenius) of the symmetric part of ``sim`` (K, K): negative eigenvalues
-    zeroed and projected back (DESIGN §6). A matrix whose eigenvalues are all ≥ −tol·max|λ| is returned
-    unchanged (symmetrised)."""
+    zeroed and projected back (docs/method.md#clique-similarity). A matrix whose eigenvalues are all
+    ≥ −tol·max|λ| is returned unchanged (symmetrised)."""
     sym = (np.asarray(sim, dtype=np.float64) + np.asarray(sim, dtype=np.float64).T) / 2
     if not len(sym):
         return sym
@@ -486,7 +486,7 @@ def project_psd(sim: np.ndarray, tol: float = 1e-10) -> np.ndarray:
 
 def choose_seeds(n: int, max_seeds: int, rng_seed) -> np.ndarray:
     """Seed frames (sorted local indices): all n frames, or a seeded random subset of ``max_seeds``.
-    Seeds come from the data alone — never from evaluation labels (DESIGN §9)."""
+    Seeds come from the data alone — never from evaluation labels (docs/evaluation.md#what-training-never-reads)."""
     if max_seeds <= 0 or max_seeds >= n:
         return np.arange(n, dtype=np.int64)
     return np.sort(np.random.default_rng(rng_seed).choice(n, size=max_seeds, replace=False)).astype(np.int64)
@@ -511,7 +511,8 @@ def finish_category(
         raise ValueError(f"cliques.selection: unknown rule '{cfg.selection}' (spread or compact)")
     groups = None
     if cfg.selection == "spread":
-        groups = spread_groups(merged, features, cfg.num_cliques, cfg.min_size, seed=[seed, zlib.crc32(category.encode())])
+        category_seed = [seed, zlib.crc32(category.encode())]
+        groups = spread_groups(merged, features, cfg.num_cliques, cfg.min_size, seed=category_seed)
     chosen = select_cliques(merged, comp, cfg.num_cliques, cfg.min_size, cfg.max_covered, groups)
     if not len(chosen):
         largest = max((len(c) for c in merged), default=0)

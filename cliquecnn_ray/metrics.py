@@ -1,16 +1,16 @@
-"""Evaluation metrics (DESIGN §9): per-query ROC AUC, the AUC of the mean ROC, k-NN accuracy, retrieval mAP.
+"""Evaluation metrics (docs/evaluation.md): per-query ROC AUC, the AUC of the mean ROC, k-NN accuracy, retrieval mAP.
 
 Everything is computed from features, over whole similarity ROWS produced block by block by the similarity
 engine (``neighbours.iter_similarity_blocks``): memory O(row_block · N), never an N×N matrix.
 
-Two label forms (DESIGN §2):
+Two label forms (docs/data-contracts.md#labels):
 - class labels — every evaluated frame is a query; its positives are the other frames with its label, its
   negatives all the rest; the query itself is left out of its own database (leave-one-out).
 - candidate lists (Olympic Sports style) — each query has listed positives and negatives; only the query's
   scores against its own candidates are needed.
 
 Similarity is the Pearson correlation where the protocol asks for it (the paper's PASCAL protocol):
-``pearson_normalise`` centres each vector over its d entries and L2-normalises it, so a dot product in the
+``similarity.pearson_normalise`` centres each vector over its d entries and L2-normalises it, so a dot product in the
 engine is the correlation.
 
 A query with no positive or no negative has no ROC: it is skipped for every metric (kNN included, so that
@@ -29,21 +29,11 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .similarity import iter_similarity_blocks
+from .similarity import iter_similarity_blocks, pearson_normalise
 
 ROC_POINTS = 101
 GRID = np.linspace(0.0, 1.0, ROC_POINTS)  # the authors' FPR grid (calculate_roc_auc.py); also our recall grid
-BYTES_PER_ENTRY = 160  # peak bytes per (query, candidate) entry: ranking_metrics ~90 (~140 with ties) + the block
-
-
-def pearson_normalise(features: np.ndarray) -> np.ndarray:
-    """(N, d) → (N, d) float32, each vector minus its own mean over d, then L2-normalised: φ_i·φ_j is then the
-    Pearson correlation of the raw vectors. A constant vector becomes 0 (its correlation is undefined)."""
-    x = np.asarray(features, dtype=np.float64)
-    x = x - x.mean(axis=1, keepdims=True)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    x = np.divide(x, norm, out=np.zeros_like(x), where=norm > 1e-12)
-    return x.astype(np.float32)
+BYTES_PER_ENTRY = 160  # peak bytes per (query, candidate) entry: ranking_metrics' arrays (more with ties) + the block
 
 
 def row_block_for(n_database: int, memory_mb: float) -> int:
@@ -82,7 +72,7 @@ def ranking_metrics(scores, positive, valid=None) -> dict[str, np.ndarray]:
     pos = pos & val
     neg = ~pos & val
     # Left-out candidates sink below every real score (into their own tie group at the end). numpy's
-    # argsort is SIMD-vectorised: ~10× torch.sort on CPU. Order inside a tie is irrelevant (ties are grouped).
+    # argsort is SIMD-vectorised: faster than torch.sort on CPU. Order inside a tie is irrelevant (ties are grouped).
     s = np.where(val, s, -np.inf)
     order = np.argsort(-s, axis=1)
     ss = np.take_along_axis(s, order, 1)
@@ -212,13 +202,13 @@ class Partial:
     tpr_sum: np.ndarray = field(default_factory=lambda: np.zeros(ROC_POINTS))
     precision_sum: np.ndarray = field(default_factory=lambda: np.zeros(ROC_POINTS))
 
-    def __add__(self, other: "Partial") -> "Partial":
+    def __add__(self, other: Partial) -> Partial:
         return Partial(
             **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
         )
 
     @classmethod
-    def of_rows(cls, rows: dict[str, np.ndarray], knn_correct: Optional[np.ndarray] = None) -> "Partial":
+    def of_rows(cls, rows: dict[str, np.ndarray], knn_correct: Optional[np.ndarray] = None) -> Partial:
         """Sum the rows of ``ranking_metrics`` (and per-query kNN hits (R,) bool, if any) over used queries."""
         used = ~rows["skipped"]
         part = cls(
@@ -259,11 +249,12 @@ def summarise(part: Partial) -> dict[str, Any]:
 
 def _curves(part: Partial) -> dict[str, list]:
     n = max(part.n_queries, 1)
-    return {"mean_tpr": (part.tpr_sum / n).round(6).tolist(), "mean_precision": (part.precision_sum / n).round(6).tolist()}
+    return {"mean_tpr": (part.tpr_sum / n).round(6).tolist(),
+            "mean_precision": (part.precision_sum / n).round(6).tolist()}
 
 
 def summarise_categories(parts: Mapping[str, Partial]) -> dict[str, Any]:
-    """The metrics JSON over categories (categories are evaluated separately, DESIGN §1).
+    """The metrics JSON over categories (categories are evaluated separately, docs/architecture.md#categories).
 
     Pooled over all queries: ``auc`` (mean per-query AUC), ``auc_mean_roc_all_queries`` (AUC of one mean ROC
     over every query), ``knn``, ``map``. Unweighted means over categories with at least one query:

@@ -11,17 +11,19 @@ from typing import Callable
 
 from . import storage
 from .config import PipelineConfig
-from .rundir import StageDir
+from .lease import hold
+from .rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
-# Stage name → module in cliquecnn_ray.stages; each exposes run(cfg, round=0, force=False) -> record.
+# Stage name → module in cliquecnn_ray.stages; each exposes run(cfg, round_index=0, force=False) -> record.
 ROUND_STAGES = ("neighbours", "cliques", "batches", "train", "impute")
 ALL_STAGES = ("ingest", "features") + ROUND_STAGES + ("evaluate", "report")
 
 # Built-in data sets a config may name as its only source / as its labels ("<name>" = the test split's
 # labels, "<name>_validation" = the validation split's, whose labels come from training images).
 BUILTIN_SOURCES = ("demo", "fashion_mnist", "moving_fashion_mnist")
+DEMO_LABELS = "demo_labels.parquet"
 
 
 def stage_runner(name: str) -> Callable[..., dict]:
@@ -50,36 +52,47 @@ def resolve_builtin_data(cfg: PipelineConfig) -> PipelineConfig:
     return cfg
 
 
-def prepare_labels(cfg: PipelineConfig) -> PipelineConfig:
-    """Labels named "demo" are made from the ingested frames (bikes.mp4 shots etc.), outside any round:
-    no training stage reads them."""
+def prepare_labels(cfg: PipelineConfig, force: bool = False) -> PipelineConfig:
+    """Labels named "demo" are made from the ingested frames (bikes.mp4 shots etc.) as the stage
+    ``round=0/labels``, so a re-ingest rebuilds them; no training stage reads them."""
     if cfg.evaluate.labels != "demo":
         return cfg
     from . import datasets
 
-    uri = storage.join(cfg.run, "labels", "demo_labels.parquet")
-    if not storage.exists(uri):
-        frames = StageDir(cfg.run, 0, "frames").read_table(columns=["frame_id", "video_id", "frame_index"])
-        storage.write_parquet(datasets.demo_labels(frames), uri)
-    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=uri))
+    frames = StageDir(cfg.run, 0, "frames")
+    out = StageDir(cfg.run, 0, "labels")
+
+    def compute(attempt_uri: str) -> dict:
+        table = datasets.demo_labels(frames.read_table(columns=["frame_id", "video_id", "frame_index"]))
+        storage.write_parquet(table, storage.join(attempt_uri, DEMO_LABELS))
+        return {"rows": table.num_rows}
+
+    run_stage(out, {"labels": "demo"}, {"frames": frames.fingerprint()}, compute, force=force)
+    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=out.file(DEMO_LABELS)))
 
 
-def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
-    """Run (or resume) the whole pipeline; returns the per-stage records and per-round metrics."""
+def run_pipeline(cfg: PipelineConfig, force: bool = False, break_lock: bool = False) -> dict:
+    """Run (or resume) the whole pipeline, holding the run's lease throughout (``break_lock`` takes it from
+    another holder); returns the per-stage records and per-round metrics."""
+    with hold(cfg.run, break_lock=break_lock):
+        return _run_pipeline(cfg, force)
+
+
+def _run_pipeline(cfg: PipelineConfig, force: bool) -> dict:
     started = time.time()
     cfg = resolve_builtin_data(cfg)
     timings: dict[str, float] = {}
     records: dict[str, dict] = {}
 
     def step(name: str, round_: int = 0, **kwargs) -> dict:
-        record = stage_runner(name)(cfg, round=round_, force=force, **kwargs)
+        record = stage_runner(name)(cfg, round_index=round_, force=force, **kwargs)
         key = f"round={round_}/{name}" + (f"[{kwargs}]" if kwargs else "")
         records[key] = record
         timings[name] = timings.get(name, 0.0) + (0.0 if record.get("skipped") else record.get("seconds", 0.0))
         return record
 
     step("ingest")
-    cfg = prepare_labels(cfg)
+    cfg = prepare_labels(cfg, force)
     step("features")
     evaluations = []
     for r in range(cfg.rounds):

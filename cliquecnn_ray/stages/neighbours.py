@@ -1,4 +1,4 @@
-"""Neighbours stage (DESIGN §4): the k most and least similar frames of every frame, per category.
+"""Neighbours stage (docs/method.md#neighbours): the k most and least similar frames of every frame, per category.
 
 Reads the round's features and the frames' categories; per category, Φ goes into the object store once
 and row blocks of ``similarity.row_block`` frames are Ray tasks running the pure block function
@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
+
 import numpy as np
 import ray
 
 from .. import raysetup, schema, similarity, storage
 from ..config import PipelineConfig
+from ..progress import Progress
 from ..rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3  # a task whose worker dies (node loss) is rerun elsewhere; blocks are pure, so reruns agree
 ALL = "*"  # the single group when similarity.across_categories is set
@@ -86,17 +88,17 @@ def _categories(frames_ids: np.ndarray, frames_cats: np.ndarray, ids: np.ndarray
     return frames_cats[order][at]
 
 
-def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:
-    """Compute and commit StageDir(cfg.run, round, "neighbours"); returns run_stage's record."""
+def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
+    """Compute and commit StageDir(cfg.run, round_index, "neighbours"); returns run_stage's record."""
     ncfg = cfg.neighbours
     if ncfg.k < 1 or ncfg.row_block < 1 or ncfg.col_block < 1 or ncfg.tile_rows < 1:
         raise ValueError(
             f"neighbours config: k = {ncfg.k}, row_block = {ncfg.row_block}, col_block = {ncfg.col_block}, "
             f"tile_rows = {ncfg.tile_rows} must all be ≥ 1"
         )
-    features_dir = StageDir(cfg.run, round, "features")
+    features_dir = StageDir(cfg.run, round_index, "features")
     frames_dir = StageDir(cfg.run, 0, "frames")
-    out = StageDir(cfg.run, round, "neighbours")
+    out = StageDir(cfg.run, round_index, "neighbours")
     inputs = {"features": features_dir.fingerprint(), "frames": frames_dir.fingerprint()}
 
     def compute(attempt_uri: str) -> dict:
@@ -143,13 +145,15 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:
         # Write each block's part as it arrives (driver memory: one block of results at a time).
         by_ref = {p[0]: p[1:] for p in pending}
         remaining = list(by_ref)
-        while remaining:
-            done, remaining = ray.wait(remaining, num_returns=1)
-            ci, bi, block_ids = by_ref.pop(done[0])
-            table = similarity.extremes_to_table(block_ids, ray.get(done[0]))
-            storage.write_parquet(table, storage.join(attempt_uri, f"part-{ci:04d}-{bi:05d}.parquet"))
-            rows += table.num_rows
-            tasks += 1
+        with Progress("neighbours", len(ids), log, unit="frames") as shown:
+            while remaining:
+                done, remaining = ray.wait(remaining, num_returns=1)
+                ci, bi, block_ids = by_ref.pop(done[0])
+                table = similarity.extremes_to_table(block_ids, ray.get(done[0]))
+                storage.write_parquet(table, storage.join(attempt_uri, f"part-{ci:04d}-{bi:05d}.parquet"))
+                rows += table.num_rows
+                tasks += 1
+                shown.update(table.num_rows)
         log.info("neighbours: %d frames in %d categories, %d tasks, %.1f s", rows, len(k_used), tasks,
                  time.time() - started)
         return {"rows": rows, "categories": len(k_used), "tasks": tasks, "k": k_used, "d": int(feats.shape[1])}
