@@ -208,3 +208,29 @@ def _run(cfg: PipelineConfig, force: bool) -> dict[str, dict]:
 
     storage.write_json(storage.join(cfg.run, "baselines.json"), results)
     return results
+
+
+def random_batches_of_cliques(cfg: PipelineConfig, force: bool = False) -> dict:
+    """Ablation: round 0's own cliques in random batches of r (no CCCP), trained one round with the method's
+    loss, sampling and budget; features with the method's LTP. What CCCP's batch selection adds is the
+    method's round-1 figure minus this one. Returns the evaluation record's stats."""
+    from .training import round_steps
+
+    cfg = prepare_labels(resolve_builtin_data(cfg))
+    cliques = StageDir(cfg.run, 0, "cliques")
+    table = cliques.read_table(columns=[schema.CLIQUE_ID, schema.CATEGORY, schema.FRAME_IDS, schema.COMPACTNESS])
+    ids, cats = table.column(schema.CLIQUE_ID).to_numpy(), np.asarray(table.column(schema.CATEGORY).to_pylist())
+    drawn = random_batches({c: ids[cats == c] for c in sorted(set(cats.tolist()))}, cfg.batches.num_batches,
+                           cfg.batches.cliques_per_batch, cfg.seed)
+    inputs = {"cliques": cliques.fingerprint()}
+    settings = {"batches": cfg.batches.num_batches, "r": cfg.batches.cliques_per_batch, "seed": cfg.seed}
+    for name, tbl in (("cliques_randombatches", table), ("batches_randombatches", _batches_table(drawn))):
+        run_stage(StageDir(cfg.run, 0, name), settings, inputs, lambda attempt, tbl=tbl: _write(tbl, attempt),
+                  force=force)
+    one_round = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=round_steps(cfg, 0),
+                                                                   round_steps=()))
+    stage_runner("train")(one_round, 0, force=force, variant="_randombatches")
+    stage_runner("impute")(cfg, 0, force=force, model_stage="model_randombatches", out_stage="features_randombatches")
+    record = stage_runner("evaluate")(cfg, 1, force=force, features_stage="features_randombatches",
+                                      out_stage="evaluate_randombatches")
+    return record["stats"]

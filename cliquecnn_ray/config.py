@@ -65,7 +65,7 @@ class FeaturesConfig:
     hog_orientations: int = setting(9, min=1)  # Dalal–Triggs / skimage default
     hog_cell: int = setting(8, min=1)  # 8-pixel cells, as the authors' HOG-LDA
     hog_block: int = setting(2, min=1)  # 2×2-cell blocks, skimage default
-    lda_lambda: float = setting(0.02, min=0)  # Σ + λI as in the authors' MATLAB HOG-LDA; keeps Σ invertible
+    lda_lambda: float = setting(1.0, min=0)  # Σ = cov + λ·tr(cov)/D·I, scale-free (README: Benchmarks)
     batch_size: int = not_hashed(512, min=1)  # frames per Ray Data batch: large enough to amortise, small in memory
     stats_batch_size: int = setting(8192, min=1)  # frames per partial Σ sum and per output file
 
@@ -163,10 +163,19 @@ class EvaluateConfig:
     knn_k: int = setting(5, min=1)  # k-NN classification, paper's PASCAL protocol
     category: str = ""  # evaluate one category only ("" = all)
     pearson: bool = True  # similarity = Pearson correlation (centre + L2-normalise each vector), paper's protocol
+    exclude_same_video: bool = False  # True: a query's candidates exclude its own clip's frames (cross-video)
     memory_mb: int = not_hashed(1024, min=1)  # per task, for rows and ranks (~160 B per entry): sets row blocks
     queries_per_task: int = not_hashed(4096, min=1)  # query rows per Ray task: tasks of seconds, enough to spread
     rerank: str = "none"  # "diffusion": each query's top results re-ranked on the k-NN graph (needs neighbours)
     diffusion: DiffusionConfig = DiffusionConfig()
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Size of a generated built-in data set (``sources: [moving_fashion_mnist]``); its seed is the run's."""
+
+    train_clips: int = setting(3000, min=2)  # issue 11: 3,000 + 500 clips = 70,000 frames
+    test_clips: int = setting(500, min=1)  # clips of test images, whose labels only the evaluation reads
 
 
 @dataclass(frozen=True)
@@ -175,6 +184,7 @@ class PipelineConfig:
     sources: tuple = ()  # what to ingest: video files, image folders, Parquet paths/URIs
     rounds: int = setting(3, min=0)  # paper Sect. 2.6: converges in fewer than four rounds
     seed: int = 0  # one seed for the run; stages derive theirs from it
+    dataset: DatasetConfig = DatasetConfig()
     ingest: IngestConfig = IngestConfig()
     features: FeaturesConfig = FeaturesConfig()
     neighbours: NeighboursConfig = NeighboursConfig()

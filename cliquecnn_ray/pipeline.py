@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 ROUND_STAGES = ("neighbours", "cliques", "batches", "train", "impute")
 ALL_STAGES = ("ingest", "features") + ROUND_STAGES + ("evaluate", "report")
 
-# Built-in data sets a config may name as its only source / as its labels.
-BUILTIN_SOURCES = ("demo", "fashion_mnist")
+# Built-in data sets a config may name as its only source / as its labels ("<name>" = the test split's
+# labels, "<name>_validation" = the validation split's, whose labels come from training images).
+BUILTIN_SOURCES = ("demo", "fashion_mnist", "moving_fashion_mnist")
 DEMO_LABELS = "demo_labels.parquet"
 
 
@@ -34,13 +35,20 @@ def resolve_builtin_data(cfg: PipelineConfig) -> PipelineConfig:
     from . import datasets
 
     if cfg.sources == ("demo",):
-        cfg = dataclasses.replace(cfg, sources=tuple(datasets.demo_clips()))
-    elif cfg.sources == ("fashion_mnist",):
-        frames_uri, _ = datasets.write_fashion_mnist_sources(storage.join(cfg.run, "sources"))
-        cfg = dataclasses.replace(cfg, sources=(frames_uri,))
-        if cfg.evaluate.labels == "fashion_mnist":
-            labels_uri = storage.join(cfg.run, "sources", "labels.parquet")
-            cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=labels_uri))
+        return dataclasses.replace(cfg, sources=tuple(datasets.demo_clips()))
+    name = cfg.sources[0] if len(cfg.sources) == 1 else None
+    out_dir = storage.join(cfg.run, "sources")
+    if name == "fashion_mnist":
+        frames_uri, _ = datasets.write_fashion_mnist_sources(out_dir)
+    elif name == "moving_fashion_mnist":
+        frames_uri, _ = datasets.write_moving_fashion_mnist_sources(
+            out_dir, cfg.dataset.train_clips, cfg.dataset.test_clips, seed=cfg.seed)
+    else:
+        return cfg
+    cfg = dataclasses.replace(cfg, sources=(frames_uri,))
+    labels = {name: "labels.parquet", f"{name}_validation": datasets.VALIDATION_LABELS}.get(cfg.evaluate.labels)
+    if labels:
+        cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=storage.join(out_dir, labels)))
     return cfg
 
 
