@@ -228,9 +228,11 @@ class Lease:
         self.holder = _holder()
         self._lock = _S3Lock(run, _ttl()) if storage.is_s3(run) else _LocalLock(run)
         self.depth = 0
+        self.broken = False  # taken with break_lock: the previous holder may still be writing
 
     def acquire(self, break_lock: bool = False) -> None:
         self._lock.acquire(self.holder, break_lock)
+        self.broken = break_lock
         log.debug("run %s: lease taken (%s)", self.run, describe(self.holder))
 
     def check(self) -> None:
@@ -268,6 +270,13 @@ def hold(run: str, break_lock: bool = False) -> Iterator[Lease]:
             if lease.depth == 0:
                 del _held[key]
                 lease.release()
+
+
+def sole_writer(run: str) -> bool:
+    """Whether this process holds the run's lease and took it without breaking it: then no other driver
+    can be writing to the run (an earlier holder released it or died)."""
+    lease = _held.get(_key(run))
+    return lease is not None and not lease.broken
 
 
 def check(run: str) -> None:

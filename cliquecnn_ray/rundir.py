@@ -209,10 +209,27 @@ def _commit(out: StageDir, config_dict: dict, chash: str, inputs: dict, compute:
     lease.check(out.run)  # a driver whose lease was broken or expired must not commit over the new holder
     storage.write_json(out.success_uri, record)  # the commit
     if previous and previous.get("attempt") not in (None, attempt):
-        # Only the attempt this commit supersedes: any other attempt-* is not this driver's to remove.
-        storage.delete(storage.join(out.uri, previous["attempt"]))
+        storage.delete(storage.join(out.uri, previous["attempt"]))  # the attempt this commit supersedes
+    if lease.sole_writer(out.run):
+        # Other attempt-* folders are leftovers of drivers that died or failed to clean up (an outage):
+        # no other driver can be writing. After --break-lock they may be the old holder's: kept.
+        for leftover in _attempt_dirs(out):
+            if leftover != attempt:
+                log.info("%s: removing %s, left by an earlier driver", out, leftover)
+                storage.delete(storage.join(out.uri, leftover))
     log.info("%s: committed in %.1f s (%s)", out, seconds, _short(stats))
     return {**record, "skipped": False}
+def _attempt_dirs(out: StageDir) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(out.uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as exc:
+        raise storage.StorageError(f"cannot list {out.uri}: {exc}") from exc
+    return [i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("attempt-")]
+
+
 def _short(stats: dict) -> str:
     items = [f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40]
     return ", ".join(items[:6])

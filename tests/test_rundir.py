@@ -142,17 +142,24 @@ def test_broken_lease_stops_the_old_holder_before_it_commits(tmp_path):
 
 
 def test_commit_removes_only_the_attempt_it_supersedes(tmp_path):
-    """Another attempt in the stage folder (a second driver's, or one a crash left) is not this commit's."""
+    """After --break-lock another attempt in the stage folder may be the old holder's work in progress:
+    a commit removes only the attempt it supersedes. A driver holding an unbroken lease is the only
+    writer, so it also removes attempts that drivers before it left."""
+    from cliquecnn_ray import lease
+
     run = str(tmp_path / "run")
     table = frames_table(class_images(1, 3, size=8)[0])
     out = rundir.StageDir(run, 0, "frames")
     first = _commit(out, {"a": 1}, {}, table)
     foreign = storage.join(out.uri, "attempt-other-driver", "part-0.parquet")
     storage.write_parquet(table, foreign)
-    second = _commit(out, {"a": 2}, {}, table)
+    with lease.hold(run, break_lock=True):
+        second = _commit(out, {"a": 2}, {}, table)
     assert storage.exists(foreign)
     assert not storage.exists(storage.join(out.uri, first["attempt"]))
     assert storage.exists(storage.join(out.uri, second["attempt"]))
+    third = _commit(out, {"a": 3}, {}, table)  # an unbroken lease: the leftover goes
+    assert not storage.exists(foreign) and storage.exists(storage.join(out.uri, third["attempt"]))
 
 
 # ---------------------------------------------------------------------------------------------
