@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from typing import Optional
 
@@ -52,6 +53,55 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.setLevel(level)
 
 
+def setup_worker_logging(level: int) -> None:
+    """In a Ray worker: this package's records at ``level`` reach the driver's console through the worker's
+    stderr. Ray gives its workers a root handler; a second one here would print every line twice."""
+    logging.getLogger(PACKAGE_LOGGER).setLevel(level)
+    if not logging.getLogger().handlers:
+        setup_logging(level)
+
+
+# Lines Ray's workers and daemons print that are harmless here and would bury the pipeline's own on the
+# driver's console (matched anywhere in a line; a traceback is dropped whole when one of its lines matches).
+HARMLESS_RAY_LINES = re.compile(
+    "|".join([
+        # Ray Train logs every report at INFO, under a logger named after its file that no level reaches.
+        r"Reporting training result \d+: TrainingReport\(",
+        # Ray Train's internal actors are created with object-store arguments and restarts: a design note.
+        r"has constructor arguments in the object store and max_restarts > 0",
+        # GCS, when Ray Train tears down a worker group whose actors have already exited.
+        r"Failed to kill actor NIL_ID",
+        # Ray Train's placement-group watchdog queries the state API without an address, which fails when
+        # other Ray instances run on the machine; the group is still released when the job ends.
+        r"Found multiple active Ray instances",
+    ])
+)
+
+
+def _drop_harmless_ray_lines() -> None:
+    """Filter the worker log lines Ray forwards to the driver (``log_to_driver``) through
+    HARMLESS_RAY_LINES. Ray 2.60's dispatcher of those lines is private; Ray is pinned."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    for name, handler in list(dispatcher.handlers):
+        if name != "ray_print_logs" or getattr(handler, "_drops_harmless_lines", False):
+            continue
+
+        def filtered(data: dict, forward=handler) -> None:
+            lines = data.get("lines") or []
+            if any(HARMLESS_RAY_LINES.search(line) for line in lines):
+                if any(line.startswith("Traceback") for line in lines):
+                    return  # the whole traceback of a harmless error
+                data = {**data, "lines": [line for line in lines if not HARMLESS_RAY_LINES.search(line)]}
+                if not data["lines"]:
+                    return
+            forward(data)
+
+        filtered._drops_harmless_lines = True
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
+
+
 def tame_ray_data() -> None:
     """Progress bars on a terminal; otherwise no bars and Ray Data's periodic INFO lines silenced."""
     import ray.data
@@ -63,6 +113,8 @@ def tame_ray_data() -> None:
         ctx.print_on_execution_start = False
     if not interactive:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Ray Data warns once that the bars it is told not to draw are off.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
 
@@ -113,6 +165,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
 
     if ray.is_initialized():
         tame_ray_data()
+        _drop_harmless_ray_lines()
         return
     # Load libtorch before connecting: job drivers (`ray job submit`) that first imported torch after a
     # Ray Data stage mostly died with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so" (cause not
@@ -128,3 +181,4 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
         kwargs = {"num_cpus": num_cpus} if num_cpus else {}
         ray.init(runtime_env=runtime_env(), log_to_driver=True, logging_level=logging.WARNING, **kwargs)
     tame_ray_data()
+    _drop_harmless_ray_lines()
