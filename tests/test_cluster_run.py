@@ -100,10 +100,10 @@ TRAIN = ["train.input_size=32", "train.steps=60", "train.images_per_step=8", "tr
 
 
 def test_training_worker_sigkilled_mid_training_resumes_to_the_uninterrupted_result(cluster, ray_session, tmp_path):
-    """SIGKILL (no exception, no cleanup) the Ray Train worker once two checkpoints are written (so the first
-    is registered with the trainer, not only being uploaded): the
-    trainer restarts the worker group from the latest checkpoint and the committed model equals an
-    uninterrupted run's."""
+    """SIGKILL (no exception, no cleanup) the Ray Train worker once the trainer has registered a checkpoint
+    (its checkpoint manager's snapshot is on disk, not only a checkpoint folder being uploaded): the trainer
+    restarts the worker group from the latest checkpoint and the committed model equals an uninterrupted
+    run's."""
     run, reference = str(tmp_path / "run"), str(tmp_path / "reference")
     tiny_run(run)
     tiny_run(reference)
@@ -111,9 +111,9 @@ def test_training_worker_sigkilled_mid_training_resumes_to_the_uninterrupted_res
     checkpoints = os.path.join(run, "round=0", "model", "_ray_train")
     killed, deadline = [], time.time() + 180
     while not killed and driver.poll() is None and time.time() < deadline:
-        written = [d for _, dirs, _ in os.walk(checkpoints) for d in dirs if d.startswith("step-")]
+        registered = any("checkpoint_manager_snapshot.json" in files for _, _, files in os.walk(checkpoints))
         workers = cluster_processes(cluster, "ray::RayTrainWo")
-        if len(written) >= 2 and workers:
+        if registered and workers:
             for pid in workers:
                 os.kill(pid, signal.SIGKILL)
             killed = workers
