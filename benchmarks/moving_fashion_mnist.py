@@ -49,6 +49,20 @@ def main() -> None:
     resolved = resolve_builtin_data(cfg)
     per_round = [evidence.pick(m) for m in summary["per_round"]]
     per_round_validation = [evidence.evaluate_validation(resolved, r) for r in range(cfg.rounds + 1)]
+    aucs = [m["auc"] for m in per_round]
+    # Written now and completed below: a run cut short still leaves the method's own figures, marked so.
+    partial = {
+        "complete": False, "n_train_clips": cfg.dataset.train_clips, "n_test_clips": cfg.dataset.test_clips,
+        "auc_round0": per_round[0]["auc"], "auc_final": per_round[-1]["auc"], "per_round": per_round,
+        "per_round_validation": per_round_validation,
+        "error_reduction": evidence.error_reduction(per_round[-1]["auc"], per_round[0]["auc"]),
+        "rounds_monotone": all(b > a for a, b in zip(aucs, aucs[1:])), "selected_on": "validation",
+        "tuning": evidence.tuning("moving_fashion_mnist", ROOT), "batch_stats": evidence.batch_stats(cfg),
+        "stage_seconds": summary["stage_seconds"], "method_s": round(method_s, 1),
+        "total_s": round(time.time() - started, 1), "config": to_dict(cfg),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(partial, indent=2) + "\n")
 
     t0 = time.time()
     base = baselines.run(cfg)
@@ -74,8 +88,8 @@ def main() -> None:
     stage_seconds = dict(summary["stage_seconds"])
     stage_seconds.update({"method_total": round(method_s, 1), "baselines": round(base_s, 1),
                           "random_batches_ablation": round(random_batches_s, 1), "ltp_p_0_run": round(noltp_s, 1)})
-    aucs = [m["auc"] for m in per_round]
     results = {
+        "complete": True,
         "n_train_clips": cfg.dataset.train_clips,
         "n_test_clips": cfg.dataset.test_clips,
         "frames": (cfg.dataset.train_clips + cfg.dataset.test_clips) * FRAMES,
@@ -92,7 +106,7 @@ def main() -> None:
                                                                         evidence.best_handcrafted_auc(refs)),
         "ltp_gain_auc": round(final["auc"] - noltp_rounds[-1]["auc"], 4),
         "cccp_gain_auc": round(per_round[1]["auc"] - random_batches["auc"], 4),
-        "rounds_monotone": all(b > a for a, b in zip(aucs[1:], aucs[2:])) and aucs[1] > aucs[0],
+        "rounds_monotone": all(b > a for a, b in zip(aucs, aucs[1:])),
         "beats_every_baseline": all(final[k] > m[k] for m in (*baselines_row.values(), *refs.values()) for k in KEYS),
         "selected_on": "validation",
         "tuning": evidence.tuning("moving_fashion_mnist", ROOT),

@@ -38,7 +38,7 @@ def summary(result: dict) -> str:
     if "error_reduction_vs_best_handcrafted" in result:
         parts.append(f"vs the best hand-made similarity (`error_reduction_vs_best_handcrafted`) "
                      f"{result['error_reduction_vs_best_handcrafted']:.3f}")
-    else:  # a JSON written before the key existed: the same formula over its stored figures, said so
+    elif "round0_references" in result:  # a JSON written before the key existed: the same formula, said so
         refs = {**result["round0_references"], "hog_lda": result["per_round"][0]}
         best = max(m["auc"] for m in refs.values())
         parts.append(f"vs the best hand-made similarity {1 - (1 - result['auc_final']) / (1 - best):.3f} (computed "
@@ -49,6 +49,8 @@ def summary(result: dict) -> str:
             parts.append(f"`{key}` {result[key]}")
     if "n_train_clips" in result:
         parts.append(f"{result['n_train_clips']} + {result['n_test_clips']} clips")
+    if result.get("complete") is False:
+        parts.append("**run cut short**: only the method's own rounds finished (no baselines or ablations)")
     minutes = result["total_s"] / 60
     method = f", the method's own run {result['method_s'] / 60:.1f} min" if "method_s" in result else ""
     return "; ".join(parts) + f". Took {minutes:.1f} min in all{method}."
