@@ -23,6 +23,7 @@ from typing import Optional
 
 from . import raysetup
 from .config import ConfigError, PipelineConfig, load_config
+from .lease import hold
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,10 @@ def common_parser() -> argparse.ArgumentParser:
                         f"one shipped in the package: {', '.join(packaged_configs())}")
     parser.add_argument("--run", help="run directory or s3://bucket/prefix (overrides the config's run)")
     parser.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else an embedded Ray")
-    parser.add_argument("--force", action="store_true", help="recompute even if the stage is committed")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute even if committed; every stage downstream of a recomputed one reruns")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="take the run's lease from another driver (only when you know it is gone)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     parser.add_argument("items", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50")
     return parser
@@ -132,7 +136,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command in ("ingest",) and not cfg.sources:
         parser.error("ingest needs at least one SOURCE (a video file, a folder, or a Parquet path/URI)")
     try:
-        return _run_command(args, cfg)
+        with hold(cfg.run, break_lock=args.break_lock):  # one writer per run, for the command's whole life
+            return _run_command(args, cfg)
     except USER_ERRORS as exc:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"cliquecnn {args.command}: error: {exc}", file=sys.stderr)
@@ -141,11 +146,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _user_errors() -> tuple:
     from .frame_sources import IngestError
+    from .lease import LeaseLost, RunLocked
     from .rundir import StageNotCommitted
     from .schema import SchemaError
     from .storage import StorageError
 
-    return (ConfigError, IngestError, SchemaError, StageNotCommitted, StorageError, FileNotFoundError)
+    # ValueError: a stage's own check of its input (ConfigError is one too); never a traceback.
+    return (ValueError, IngestError, SchemaError, StageNotCommitted, StorageError, FileNotFoundError, RunLocked,
+            LeaseLost)
 
 
 USER_ERRORS = _user_errors()
@@ -173,8 +181,10 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     if args.command == "evaluate":
         if args.labels:
             cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=args.labels))
-        cfg = pipeline.prepare_labels(pipeline.resolve_builtin_data(cfg))
+        cfg = pipeline.prepare_labels(pipeline.resolve_builtin_data(cfg), args.force)
         kwargs = {"features_stage": args.features_stage, "ltp_p": args.ltp}
+    if args.command == "report":  # shows the evaluations made with these (resolved) labels
+        cfg = pipeline.prepare_labels(pipeline.resolve_builtin_data(cfg))
     round_ = getattr(args, "round", 0)
     record = pipeline.stage_runner(args.command)(cfg, round_, force=args.force, **kwargs)
     state = "skipped (already committed)" if record.get("skipped") else f"done in {record.get('seconds', 0):.1f} s"

@@ -78,6 +78,12 @@ def _figure(width: float, height: float):
 
 
 def _png(fig, dpi: float = 110, tight: bool = True) -> bytes:
+    from matplotlib.text import Text
+
+    # Names are drawn as they are: a category or video named with `$` or `\\` is not TeX for mathtext to
+    # parse (an unbalanced one fails to parse, and the whole figure with it).
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     return buf.getvalue()

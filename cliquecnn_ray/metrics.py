@@ -304,6 +304,7 @@ def class_partial(
     stop: Optional[int] = None,
     row_block: int = 1024,
     rescore: Optional[Callable[[np.ndarray, torch.Tensor], torch.Tensor]] = None,
+    videos: Optional[np.ndarray] = None,
 ) -> Partial:
     """Queries ``features[start:stop]`` against the whole set ``features`` (N, d), leave-one-out.
 
@@ -313,6 +314,9 @@ def class_partial(
         k: neighbours voting in k-NN (at most N − 1).
         rescore: re-ranking of a block: (query positions (R,), similarities (R, N)) → new scores (R, N)
             (``diffusion.DiffusionRescorer``); every metric, kNN included, then ranks by the new scores.
+        videos: (N,) int64 clip code of each frame, or None. Given, evaluation is cross-video: a query's
+            candidates (ranking and k-NN) exclude every frame of its own clip, so near-duplicate frames of
+            one clip cannot inflate the figures.
     Positives of query i: the other frames with labels[i]; negatives: the rest; i itself excluded.
     """
     # Arrays from Ray's object store are read-only; torch wants writable memory (copy only then).
@@ -321,6 +325,7 @@ def class_partial(
     n = len(labels_t)
     stop = n if stop is None else stop
     n_labels = int(labels_t.max()) + 1 if n else 1
+    videos_t = None if videos is None else torch.as_tensor(np.require(videos, dtype=np.int64, requirements=["W"]))
     k = min(k, n - 1)
     parts = []
     for offset, sims in iter_similarity_blocks(features[start:stop], features, row_block):
@@ -330,11 +335,13 @@ def class_partial(
         r_idx = torch.arange(sims.shape[0])
         valid = torch.ones(sims.shape, dtype=torch.bool)
         valid[r_idx, rows] = False
+        if videos_t is not None:
+            valid &= videos_t[None, :] != videos_t[rows][:, None]
         positive = labels_t[None, :] == labels_t[rows][:, None]
         metrics = ranking_metrics(sims, positive.numpy(), valid.numpy())
         correct = None
         if k > 0:
-            sims[r_idx, rows] = float("-inf")  # a query is not its own neighbour
+            sims.masked_fill_(~valid, float("-inf"))  # a query (and its clip) is not its own neighbour
             top_sims, top_ids = torch.topk(sims, k, dim=1)
             predicted = knn_vote(labels_t[top_ids], top_sims, n_labels)
             correct = predicted == labels_t[rows].numpy()
@@ -355,6 +362,7 @@ def class_label_metrics(
     k: int = 5,
     pearson: bool = True,
     memory_mb: float = 1024,
+    videos: Optional[Sequence] = None,
 ) -> dict[str, Any]:
     """All §9 metrics for class labels in this process (tests, benchmarks; the stage spreads the same
     ``class_partial`` calls over Ray tasks).
@@ -363,16 +371,20 @@ def class_label_metrics(
         features: (N, d); labels: (N,) any sortable labels; categories: (N,) category of each frame
             (default one category "all"): queries and databases never cross categories.
         pearson: centre + L2-normalise each vector first (similarity = Pearson correlation).
+        videos: (N,) clip of each frame (any sortable ids), or None; given, a query's own clip is excluded
+            from its candidates (``class_partial``).
     Returns ``summarise_categories`` of the categories.
     """
     feats = pearson_normalise(features) if pearson else np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels)
     cats = np.asarray(["all"] * len(labels) if categories is None else categories)
+    video_codes = None if videos is None else encode_labels(videos)[0]
     parts = {}
     for cat in sorted(set(cats.tolist())):
         rows = np.flatnonzero(cats == cat)
         codes, _ = encode_labels(labels[rows])
-        parts[cat] = class_partial(feats[rows], codes, k=k, row_block=row_block_for(len(rows), memory_mb))
+        parts[cat] = class_partial(feats[rows], codes, k=k, row_block=row_block_for(len(rows), memory_mb),
+                                   videos=None if video_codes is None else video_codes[rows])
     return summarise_categories(parts)
 
 

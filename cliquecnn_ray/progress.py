@@ -1,8 +1,9 @@
 """Progress of the long stages (training steps, imputation, neighbour tiles): a bar on a terminal, plain
 log lines elsewhere (a file, a pipe, CI), never both.
 
-The driver decides (``on_terminal``) and tells the Ray workers it starts; a bar in a Ray worker is
-``ray.experimental.tqdm_ray``, which the driver draws, so bars of several workers do not interleave.
+Bars are drawn by the driver only (neighbour tiles, imputation); a Ray Train worker logs its steps as
+lines, which Ray forwards to the driver's console (``ray.experimental.tqdm_ray`` printed blank prefixed
+lines there instead of a bar).
 """
 from __future__ import annotations
 
@@ -23,17 +24,14 @@ class Progress:
     """Counts work done towards ``total`` and shows it: a tqdm bar when ``bar``, else a log line on
     ``logger`` per tenth of the work (and at the end). A context manager; ``close`` ends the bar."""
 
-    def __init__(self, desc: str, total: int, logger: logging.Logger, unit: str = "", bar: Optional[bool] = None,
-                 in_ray_worker: bool = False):
+    def __init__(self, desc: str, total: int, logger: logging.Logger, unit: str = "", bar: Optional[bool] = None):
         self.desc, self.total, self.unit, self.log = desc, max(0, int(total)), unit, logger
         self.done = 0
         self._next_line = LOG_EVERY * self.total
         self._bar = None
         if (on_terminal() if bar is None else bar) and self.total:
-            if in_ray_worker:
-                from ray.experimental.tqdm_ray import tqdm
-            else:
-                from tqdm import tqdm
+            from tqdm import tqdm
+
             self._bar = tqdm(desc=desc, total=self.total, unit=unit or "it")
 
     def update(self, n: int = 1, note: str = "") -> None:

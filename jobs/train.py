@@ -30,7 +30,7 @@ def main() -> None:
     # Without an address, ray.init() joins a Ray started on this machine (the head under `ray submit`),
     # else starts an embedded one.
     raysetup.init_ray(address=args.address)
-    summary = run_pipeline(cfg, force=args.force)
+    summary = run_pipeline(cfg, force=args.force, break_lock=args.break_lock)
     print(json.dumps({k: v for k, v in summary.items() if k != "records"}, indent=2))
 
 

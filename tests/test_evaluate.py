@@ -136,14 +136,17 @@ def test_class_partial_sharded_equals_one_shot():
     np.testing.assert_allclose(many.precision_sum, one.precision_sum)
 
 
-def _reference_class_metrics(feats, labels, k):
-    """A straightforward loop: sklearn per query, brute-force kNN with the documented tie rule."""
+def _reference_class_metrics(feats, labels, k, videos=None):
+    """A straightforward loop: sklearn per query, brute-force kNN with the documented tie rule; with
+    ``videos``, a query's candidates are the frames of the other clips."""
     z = feats - feats.mean(1, keepdims=True)
     z = z / np.linalg.norm(z, axis=1, keepdims=True)
     sims = z @ z.T
     aucs, aps, hits, tprs = [], [], [], []
     for i in range(len(z)):
         others = np.arange(len(z)) != i
+        if videos is not None:
+            others &= videos != videos[i]
         y, s = labels[others] == labels[i], sims[i, others]
         if y.all() or not y.any():
             continue
@@ -187,6 +190,32 @@ def test_class_label_metrics_equal_a_straightforward_loop_per_category():
     assert result["auc_mean_roc"] == pytest.approx(
         np.mean([result["per_category"][c]["auc_mean_roc"] for c in ("even", "odd")])
     )
+
+
+def test_exclude_same_video_equals_a_brute_force_loop():
+    feats, labels = clustered_features(n_clusters=3, per_cluster=16, d=6, noise=1.5, seed=4)
+    videos = np.asarray([f"clip{i // 4}" for i in range(len(labels))])  # clips of 4 frames, one class each
+    rng = np.random.default_rng(5)
+    videos = videos[rng.permutation(len(videos))]  # clips cut across classes: some share, some not
+    result = metrics.class_label_metrics(feats, labels, k=5, memory_mb=0.001, videos=videos)
+    auc, ap, knn, auc_roc, n = _reference_class_metrics(feats.astype(np.float64), labels, 5, videos=videos)
+    assert result["n_queries"] == n
+    assert result["auc"] == pytest.approx(auc, abs=1e-6) and result["map"] == pytest.approx(ap, abs=1e-6)
+    assert result["knn"] == pytest.approx(knn) and result["auc_mean_roc"] == pytest.approx(auc_roc, abs=1e-6)
+    within = metrics.class_label_metrics(feats, labels, k=5)
+    assert result["auc"] != pytest.approx(within["auc"])  # the option changes what is measured
+
+
+def test_exclude_same_video_removes_a_near_duplicate_inflation():
+    # Every clip holds two copies of one random vector; classes are random: within-clip AUC looks perfect
+    # at kNN, cross-video evaluation sees chance.
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 16)).astype(np.float32)
+    feats = np.repeat(base, 2, axis=0) + rng.normal(0, 0.01, (80, 16)).astype(np.float32)
+    labels = np.repeat(rng.integers(0, 2, 40), 2)
+    videos = np.repeat(np.arange(40), 2)
+    assert metrics.class_label_metrics(feats, labels, k=1)["knn"] == 1.0
+    assert metrics.class_label_metrics(feats, labels, k=1, videos=videos)["knn"] < 0.75
 
 
 def test_a_category_of_one_class_is_skipped_not_fatal():
@@ -292,6 +321,19 @@ def test_stage_ltp_and_one_category(tmp_path, ray_session):
     assert StageDir(run, 0, "evaluate_ltp").record()["config"]["ltp_p"] == 1
 
 
+def test_stage_exclude_same_video(tmp_path, ray_session):
+    from cliquecnn_ray.stages import evaluate as stage
+
+    run, feats, labels, cats, videos, _ = _committed_run(tmp_path)
+    labels_uri = str(tmp_path / "labels.parquet")
+    storage.write_parquet(pa.table({"frame_id": pa.array(np.arange(len(labels)), pa.int64()),
+                                    "label": pa.array(labels)}), labels_uri)
+    stats = stage.run(_cfg(run, labels_uri, exclude_same_video=True, queries_per_task=5, knn_k=3), 0)["stats"]
+    expected = metrics.class_label_metrics(feats, labels, categories=cats, k=3, videos=videos)
+    for key in ("auc", "knn", "map", "n_queries"):
+        assert stats[key] == pytest.approx(expected[key]), key
+
+
 def test_stage_candidate_lists(tmp_path, ray_session):
     from cliquecnn_ray.stages import evaluate as stage
 
@@ -322,3 +364,4 @@ def test_stage_names_unknown_frame_ids(tmp_path, ray_session):
     with pytest.raises(schema.SchemaError, match=r"frame_id.*2 frame id\(s\).*\[777, 999\]"):
         stage.run(_cfg(run, labels_uri), round_index=0)
     assert StageDir(run, 0, "evaluate").record() is None  # nothing committed
+

@@ -123,12 +123,26 @@ def test_whitening_is_the_lda_similarity():
     phi = hog.whiten(x, mu, w)
     # Direct numpy: (x_i − μ)ᵀ (cov + λI)⁻¹ (x_j − μ), cosine-normalised.
     centred = x - x.mean(axis=0)
-    sigma = np.cov(x.T, bias=True) + lam * np.eye(10)
+    cov = np.cov(x.T, bias=True)
+    sigma = cov + lam * np.trace(cov) / 10 * np.eye(10)  # λ relative to the mean variance
     gram = centred @ np.linalg.solve(sigma, centred.T)
     norm = np.sqrt(np.diag(gram))
     assert np.abs(phi @ phi.T - gram / np.outer(norm, norm)).max() < 1e-5
     assert np.allclose(np.linalg.norm(phi, axis=1), 1.0, atol=1e-5)
     assert np.allclose(w @ sigma @ w, np.eye(10), atol=1e-8)  # W = Σ^{-1/2}
+
+
+def test_whitening_lambda_is_scale_free():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8))
+    for lam in (0.01, 1.0):
+        phi = hog.whiten(x, *hog.whitening_transform(hog.whitening_stats(x), lam))
+        phi_scaled = hog.whiten(1e-3 * x, *hog.whitening_transform(hog.whitening_stats(1e-3 * x), lam))
+        assert np.abs(phi - phi_scaled).max() < 1e-4
+    # A large λ tends to plain centred, normalised descriptors; a small one to full whitening (identity Gram).
+    centred = x - x.mean(0)
+    plain = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    assert np.abs(hog.whiten(x, *hog.whitening_transform(hog.whitening_stats(x), 1e6)) - plain).max() < 1e-4
 
 
 def test_whitening_bad_inputs():
@@ -153,7 +167,7 @@ def test_blank_frames_become_zero_vectors_never_nan():
         assert abs(np.linalg.norm(feats[2]) - 1) < 1e-5
     # hog_lda: a blank frame's HOG is 0, its φ ∝ −μW is a proper direction.
     descriptors = hog.describe(np.concatenate([images, class_images(2, 8)[0]]), "hog_lda")
-    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 0.02)
+    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 1.0)
     phi = hog.whiten(descriptors, mu, w)
     assert np.isfinite(phi).all() and np.allclose(np.linalg.norm(phi, axis=1), 1.0, atol=1e-5)
 
@@ -176,7 +190,7 @@ def _within_between(feats: np.ndarray, labels: np.ndarray) -> tuple[float, float
 def test_hog_lda_separates_classes():
     images, labels = class_images(4, 24, size=32, seed=3)
     descriptors = hog.describe(images, "hog_lda")
-    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 0.02)
+    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 1.0)
     feats = hog.whiten(descriptors, mu, w)
     within, between = _within_between(feats, labels)
     assert within > between + 0.2
@@ -225,7 +239,7 @@ def test_stage_hog_lda_end_to_end_on_s3(ray_session, s3_bucket):
     assert np.array_equal(ids, np.arange(80))
     # Same features as the pure functions on the same frames: sharded statistics equal one-shot ones.
     descriptors = hog.hog_batch(images)
-    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 0.02)
+    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), cfg.features.lda_lambda)
     assert np.abs(feats - hog.whiten(descriptors, mu, w)).max() < 1e-4
     within, between = _within_between(feats, labels)
     assert within > between + 0.2

@@ -41,3 +41,26 @@ def test_pngs_are_pngs():
         figures.neighbour_means_png([(np.zeros((8, 8), np.uint8), {"m": np.ones((8, 8))})]),
     ):
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+
+def test_names_with_mathtext_characters_are_drawn_literally():
+    """`$` and `\\` in a category, a video or a title are drawn as they are, not parsed as TeX by matplotlib
+    (an unbalanced `$x^$` fails to parse and took the whole figure with it)."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(6, 4))
+    assert figures.similarity_matrices_png(a, a, "video $x^$\\").startswith(b"\x89PNG")
+    assert figures.spectrum_png({"cat $1": figures.eigen_spectrum(a)}).startswith(b"\x89PNG")
+    assert figures.neighbour_means_png([(np.zeros((8, 8), np.uint8), {"$a^$": np.ones((8, 8))})]).startswith(
+        b"\x89PNG")
+    grid = np.linspace(0, 1, 11).tolist()
+    names = ["price $5", "a\\b", "$x^$", "ok"]
+    result = {
+        "curves": {"grid": grid, "per_category": {n: {"mean_tpr": grid, "mean_precision": grid[::-1]} for n in names},
+                   "all": {"mean_tpr": grid, "mean_precision": grid[::-1]}},
+        "per_category": {n: {"n_queries": 3, "auc_mean_roc": 0.5, "map": 0.5} for n in names},
+        "auc_mean_roc_all_queries": 0.5,
+        "map": 0.5,
+    }
+    roc, pr = figures.roc_and_pr_curves_png(result, title="run $HOME\\x")
+    assert roc[:8] == pr[:8] == b"\x89PNG\r\n\x1a\n"

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import cccp, figures, schema, storage
-from ..config import PipelineConfig, to_dict
+from ..config import PipelineConfig
 from ..rundir import StageDir, run_stage
 from ..stage_outputs import IMAGE_COLUMNS, decode_frames, read_clique_similarity, read_frames
 
@@ -102,7 +102,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
     frames_dir = StageDir(cfg.run, 0, "frames")
     inputs = {"cliques": cliques_dir.fingerprint(), "frames": frames_dir.fingerprint()}
     bc = cfg.batches
-    config = {"batches": to_dict(bc)}
+    config = {"batches": bc}
     if bc.solver not in ("fast", "exact"):
         raise cccp.BatchesError(f"batches.solver = {bc.solver!r}; use 'fast' or 'exact'")
     if bc.restarts < 1:

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import linkage, schema, storage
-from ..config import PipelineConfig, to_dict
+from ..config import PipelineConfig
 from ..rundir import StageDir, run_stage
 from ..stage_outputs import write_clique_similarity
 
@@ -212,9 +212,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
         "features": feats_dir.fingerprint(),
         "neighbours": nb_dir.fingerprint(),
     }
-    config = {"cliques": to_dict(cfg.cliques)}
-    if cfg.cliques.max_seeds > 0:
-        config["seed"] = cfg.seed  # the random seed subset depends on it; otherwise it plays no part
+    config = {"cliques": cfg.cliques, "seed": cfg.seed}  # the seed subset and the spread k-means use it
 
     def compute(attempt_uri: str) -> dict:
         import ray

@@ -9,6 +9,8 @@ either form of docs/data-contracts.md#labels:
   Sports figure) and AP over each query's own candidates; no kNN (no classes).
 The evaluation set is the frames the labels table names, per category (from the frames table). Features are
 Pearson-normalised per frame (``evaluate.pearson``), then optionally Local Temporal Pooled (``ltp_p``).
+With ``evaluate.exclude_same_video`` the evaluation is cross-video: a query's candidates exclude the frames
+of its own clip (video_id), so near-duplicate frames of one clip cannot inflate AUC, kNN or mAP.
 Work: one Ray task per (category, chunk of queries), each returning additive ``evaluate.Partial`` sums.
 Writes ``metrics.json`` (with the curves), ``roc.png`` and ``pr.png``; the record's stats are the metrics
 without the curves (read by the pipeline and the report).
@@ -22,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from .. import diffusion, figures, metrics, raysetup, schema, storage
-from ..config import PipelineConfig, to_dict
+from ..config import PipelineConfig, hashed_view, to_dict
 from ..metrics import format_metrics_table
-from ..rundir import StageDir, run_stage, source_fingerprint
+from ..rundir import StageDir, StageNotCommitted, matches, run_stage, source_fingerprint
 from ..similarity import ltp_features, pearson_normalise
 
 log = logging.getLogger(__name__)
@@ -52,18 +54,7 @@ def run(
     _check_rerank(cfg, features_stage)
     features = StageDir(cfg.run, round_index, features_stage)
     frames = StageDir(cfg.run, 0, "frames")
-    inputs = {
-        "features": features.fingerprint(),
-        "frames": frames.fingerprint(),
-        "labels": source_fingerprint(ecfg.labels),
-    }
-    if ecfg.rerank == "diffusion":
-        # The graph is the round's neighbours table (for the last round: `cliquecnn neighbours --round R`).
-        inputs["neighbours"] = StageDir(cfg.run, round_index, "neighbours").fingerprint()
-    evaluate_config = to_dict(ecfg)
-    if ecfg.rerank != "diffusion":
-        del evaluate_config["diffusion"]  # its settings change nothing then: committed evaluations stay valid
-    config = {"evaluate": evaluate_config, "features_stage": features_stage, "ltp_p": ltp_p}
+    config, inputs = _spec(cfg, round_index, features_stage, ltp_p)
 
     def compute(attempt_uri: str) -> dict:
         result = evaluate_run(cfg, features, frames, ltp_p)
@@ -73,6 +64,7 @@ def run(
             "similarity": "pearson" if ecfg.pearson else "dot",
             "ltp_p": ltp_p,
             "knn_k": ecfg.knn_k,
+            "exclude_same_video": ecfg.exclude_same_video,
             "roc_points": metrics.ROC_POINTS,
             "rerank": ecfg.rerank,
         }
@@ -91,6 +83,35 @@ def run(
         return stats
 
     return run_stage(StageDir(cfg.run, round_index, out_stage), config, inputs, compute, force=force)
+
+
+def _spec(cfg: PipelineConfig, round_index: int, features_stage: str, ltp_p: int) -> tuple[dict, dict]:
+    """The stage's config and inputs: what its record must match."""
+    inputs = {
+        "features": StageDir(cfg.run, round_index, features_stage).fingerprint(),
+        "frames": StageDir(cfg.run, 0, "frames").fingerprint(),
+        "labels": source_fingerprint(cfg.evaluate.labels),
+    }
+    evaluate_config = hashed_view(cfg.evaluate)  # a dict, so the diffusion settings can be left out
+    if cfg.evaluate.rerank == "diffusion":
+        # The graph is the round's neighbours table (for the last round: `cliquecnn neighbours --round R`).
+        inputs["neighbours"] = StageDir(cfg.run, round_index, "neighbours").fingerprint()
+    else:
+        del evaluate_config["diffusion"]  # its settings change nothing then: committed evaluations stay valid
+    return {"evaluate": evaluate_config, "features_stage": features_stage, "ltp_p": ltp_p}, inputs
+
+
+def current_record(cfg: PipelineConfig, round_index: int) -> Optional[dict]:
+    """The round's committed evaluation if it was made with this config from the round's committed
+    features; None when there is none or it is stale (an older config, features recomputed since)."""
+    record = StageDir(cfg.run, round_index, "evaluate").record()
+    if record is None or not cfg.evaluate.labels:
+        return None
+    try:
+        config, inputs = _spec(cfg, round_index, "features", 0)
+    except (StageNotCommitted, storage.StorageError):
+        return None
+    return record if matches(record, config, inputs) else None
 
 
 def _check_rerank(cfg: PipelineConfig, features_stage: str) -> None:
@@ -126,19 +147,24 @@ def evaluate_run(cfg: PipelineConfig, features: StageDir, frames: StageDir, ltp_
         feats = pearson_normalise(feats)  # per frame, before pooling: pooled vectors stay centred, unit norm
     if ltp_p > 0:
         feats = ltp_features(ids, feats, frame_table, ltp_p)
-    category_of = _categories_by_row(ids, frame_table, str(features))
+    category_of = _column_by_row(ids, frame_table, schema.CATEGORY, str(features))
+    # Clip of each row as an int code, when a query's own clip is left out of its candidates (cross-video).
+    video_of = None
+    if ecfg.exclude_same_video:
+        videos = _column_by_row(ids, frame_table, schema.VIDEO_ID, str(features))
+        video_of = metrics.encode_labels(videos.astype(str))[0]
     raysetup.init_ray()
     cpus = cfg.resources.cpus_per_task
     graph = None
     if ecfg.rerank == "diffusion":
         graph = diffusion.load_knn_graph(cfg.run, features.round, ecfg.diffusion.k, ecfg.diffusion.gamma)
     if schema.LABEL in labels.column_names:
-        jobs = _class_jobs(cfg, labels, ids, feats, category_of, cpus, graph)
+        jobs = _class_jobs(cfg, labels, ids, feats, category_of, video_of, cpus, graph)
     elif graph is not None:
         raise ValueError(f"evaluate.rerank = diffusion re-ranks whole rankings of class labels; the labels "
                          f"table ({ecfg.labels}) holds candidate lists")
     elif schema.QUERY_ID in labels.column_names:
-        jobs = _candidate_jobs(cfg, labels, ids, feats, category_of, cpus)
+        jobs = _candidate_jobs(cfg, labels, ids, feats, category_of, video_of, cpus)
     else:
         raise schema.SchemaError(
             f"labels table ({ecfg.labels}): needs columns ({schema.FRAME_ID}, {schema.LABEL}) or "
@@ -154,8 +180,8 @@ def evaluate_run(cfg: PipelineConfig, features: StageDir, frames: StageDir, ltp_
     return result
 
 
-def _categories_by_row(ids: np.ndarray, frames: pa.Table, features_name: str) -> np.ndarray:
-    """Category of each features row (features sorted by frame_id)."""
+def _column_by_row(ids: np.ndarray, frames: pa.Table, column: str, features_name: str) -> np.ndarray:
+    """The frames table's ``column`` (category, video_id) of each features row (features sorted by frame_id)."""
     frame_ids = frames.column(schema.FRAME_ID).to_numpy().astype(np.int64)
     order = np.argsort(frame_ids, kind="stable")
     at = np.minimum(np.searchsorted(frame_ids[order], ids), len(order) - 1)
@@ -164,8 +190,8 @@ def _categories_by_row(ids: np.ndarray, frames: pa.Table, features_name: str) ->
         raise schema.SchemaError(
             f"{features_name}: frame_id {ids[np.argmax(missing)]} has features but no row in the frames table"
         )
-    cats = frames.column(schema.CATEGORY).to_numpy(zero_copy_only=False)
-    return np.asarray(cats[order[at]], dtype=object)
+    values = frames.column(column).to_numpy(zero_copy_only=False)
+    return np.asarray(values[order[at]], dtype=object)
 
 
 def _rows_of(wanted: np.ndarray, ids: np.ndarray, what: str, source: str) -> np.ndarray:
@@ -194,7 +220,7 @@ def _selected(cfg: PipelineConfig, cats: np.ndarray, source: str) -> list[str]:
     return present
 
 
-def _class_jobs(cfg, labels, ids, feats, category_of, cpus, graph=None) -> list[tuple[str, Any]]:
+def _class_jobs(cfg, labels, ids, feats, category_of, video_of, cpus, graph=None) -> list[tuple[str, Any]]:
     import ray
 
     source = cfg.evaluate.labels
@@ -222,6 +248,7 @@ def _class_jobs(cfg, labels, ids, feats, category_of, cpus, graph=None) -> list[
         feats_ref = ray.put(np.ascontiguousarray(feats[rows[sel]]))
         codes_ref = ray.put(codes)
         rescore_ref = None if graph is None else ray.put(_rescorer(cfg, graph, feats, category_of == cat, rows[sel]))
+        videos_ref = None if video_of is None else ray.put(video_of[rows[sel]])
         n = len(sel)
         row_block = metrics.row_block_for(n, cfg.evaluate.memory_mb)
         step = max(1, cfg.evaluate.queries_per_task)
@@ -229,7 +256,7 @@ def _class_jobs(cfg, labels, ids, feats, category_of, cpus, graph=None) -> list[
                  -(-n // step))
         for start in range(0, n, step):
             jobs.append((cat, task.remote(feats_ref, codes_ref, k, start, min(n, start + step), row_block,
-                                          rescore_ref)))
+                                          videos_ref, rescore_ref)))
     return jobs
 
 
@@ -240,7 +267,7 @@ def _rescorer(cfg, graph, feats, in_category, item_rows) -> diffusion.DiffusionR
     return diffusion.DiffusionRescorer(graph, pool, feats[pool], item_rows, dcfg.alpha, dcfg.truncate)
 
 
-def _candidate_jobs(cfg, labels, ids, feats, category_of, cpus) -> list[tuple[str, Any]]:
+def _candidate_jobs(cfg, labels, ids, feats, category_of, video_of, cpus) -> list[tuple[str, Any]]:
     import ray
 
     source = cfg.evaluate.labels
@@ -267,6 +294,8 @@ def _candidate_jobs(cfg, labels, ids, feats, category_of, cpus) -> list[tuple[st
             cand, positive, valid = metrics.pad_candidates(
                 [cand_rows[schema.POSITIVE_IDS][i] for i in chunk], [cand_rows[schema.NEGATIVE_IDS][i] for i in chunk]
             )
+            if video_of is not None:
+                valid &= video_of[cand] != video_of[query_rows[chunk]][:, None]
             jobs.append((cat, task.remote(feats_ref, query_rows[chunk], cand, positive, valid)))
     return jobs
 
@@ -276,8 +305,9 @@ def _split(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
     return np.split(flat, bounds) if like else []
 
 
-def _class_task_fn(feats, codes, k, start, stop, row_block, rescore=None) -> metrics.Partial:
-    return metrics.class_partial(feats, codes, k=k, start=start, stop=stop, row_block=row_block, rescore=rescore)
+def _class_task_fn(feats, codes, k, start, stop, row_block, videos, rescore=None) -> metrics.Partial:
+    return metrics.class_partial(feats, codes, k=k, start=start, stop=stop, row_block=row_block, videos=videos,
+                                 rescore=rescore)
 
 
 def _candidate_task_fn(feats, query_rows, cand, positive, valid) -> metrics.Partial:

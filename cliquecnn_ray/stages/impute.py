@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import raysetup, schema, storage
-from ..config import PipelineConfig, to_dict
+from ..config import PipelineConfig
 from ..model_file import MODEL_FILE
 from ..progress import Progress
 from ..rundir import StageDir, run_stage
@@ -80,7 +80,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, model_st
     frames_dir = StageDir(cfg.run, 0, "frames")
     out = StageDir(cfg.run, round_index + 1, out_stage)
     inputs = {"model": model_dir.fingerprint(), "frames": frames_dir.fingerprint()}
-    stage_config = {"impute": to_dict(cfg.impute), "gpu": cfg.resources.gpus_for_impute}
+    stage_config = {"impute": cfg.impute, "gpu": cfg.resources.gpus_for_impute}
 
     def compute(attempt_uri: str) -> dict:
         return _compute(cfg, storage.absolute_uri(model_dir.file(MODEL_FILE)), frames_dir, attempt_uri)

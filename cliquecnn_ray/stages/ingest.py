@@ -45,10 +45,7 @@ def _ingest(units: list[dict], cfg: PipelineConfig, attempt_uri: str) -> dict:
 
     # Pass 1: decode every unit in parallel into staging files.
     summaries = _fan_out(lambda unit: frame_sources.ingest_unit(unit, icfg, staging), units, cpus)
-    errors = [s["error"] for s in summaries if s["error"]]
-    if errors:
-        more = f" ({len(errors) - 1} more inputs failed too)" if len(errors) > 1 else ""
-        raise IngestError(errors[0] + more)
+    frame_sources.raise_all([s["error"] for s in summaries if s["error"]])
     skipped = [frame for s in summaries for frame in s["skipped"]]
     for frame in skipped:
         log.warning("ingest: skipped frame %s of video %r (%s): %s", frame["frame_index"], frame["video_id"],

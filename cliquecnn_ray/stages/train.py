@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from .. import schema, storage
-from ..config import PipelineConfig, config_hash, to_dict
+from ..config import PipelineConfig, config_hash, hashed_view
 from ..model_file import MODEL_FILE, load_model_bytes, model_meta, save_model_bytes
 from ..network import build_model, load_backbone, unwrap
-from ..progress import Progress, on_terminal
-from ..raysetup import init_ray, setup_logging
+from ..progress import Progress
+from ..raysetup import init_ray, setup_worker_logging
 from ..rundir import StageDir, run_stage
 from ..stage_outputs import IMAGE_COLUMNS, decode_frames, read_frames
 from ..training import (
@@ -122,7 +122,7 @@ def load_training_data(cfg: PipelineConfig, round_: int, seed: int, variant: str
 def train_func(config: dict) -> dict:
     """One Ray Train worker. ``config``: {"cfg": PipelineConfig, "round_index": r, "init_model": URI of the
     previous round's model.pt or None, "marker": URI marking that the injected failure happened,
-    "progress_bar": whether the driver is on a terminal, "log_level": the driver's level for this package}.
+    "log_level": the driver's level for this package (rank 0 logs its progress)}.
 
     Returns (rank 0's value becomes ``Result.return_value``) the training statistics.
     """
@@ -130,7 +130,7 @@ def train_func(config: dict) -> dict:
     import ray.train.torch
 
     cfg: PipelineConfig = config["cfg"]
-    setup_logging(config.get("log_level", logging.INFO))  # this worker's lines reach the driver's console
+    setup_worker_logging(config.get("log_level", logging.INFO))
     round_: int = config["round_index"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -177,7 +177,7 @@ def train_func(config: dict) -> dict:
     inject = start_step <= fail_at < steps and not storage.exists(config["marker"])
     train_s, step = 0.0, start_step
     shown = Progress(f"train round {round_}{config.get('variant', '')}", steps - start_step, log, unit="steps",
-                     bar=config.get("progress_bar", False), in_ray_worker=True) if rank == 0 else None
+                     bar=False) if rank == 0 else None
     while step < steps:
         stop = min(steps, (step // every + 1) * every)  # next checkpoint (or the end)
         if inject and step <= fail_at < stop:
@@ -276,7 +276,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
         inputs["previous_model"] = previous.fingerprint()
         init_model = previous.file(MODEL_FILE)
     # This round's step count, not the whole list: changing a later round's steps keeps this round's model.
-    train_settings = {**to_dict(cfg.train), "steps": round_steps(cfg, round_index)}
+    train_settings = {**hashed_view(cfg.train), "steps": round_steps(cfg, round_index)}
     train_settings.pop("round_steps")
     stage_config = {"train": train_settings, "gpu": cfg.resources.gpus_for_training, "seed": cfg.seed}
     name = "train-" + hashlib.sha256(
@@ -293,7 +293,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
             train_func,
             train_loop_config={"cfg": cfg, "round_index": round_index, "init_model": init_model, "variant": variant,
                                "marker": storage.join(train_uri, "_injected_failure.json"),
-                               "progress_bar": on_terminal(), "log_level": log.getEffectiveLevel()},
+                               "log_level": log.getEffectiveLevel()},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.train.num_workers,
                 use_gpu=cfg.resources.gpus_for_training,
