@@ -173,9 +173,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", nargs="?", default=str(ROOT / "runs" / "fashion_mnist"), help="a finished run")
     parser.add_argument("--round", type=int, dest="round_index", help="whose features (default: the last round)")
+    parser.add_argument("--validation-queries", type=int, default=VALIDATION_QUERIES)
+    parser.add_argument("--test-queries", type=int, default=TEST_QUERIES)
     args = parser.parse_args()
     raysetup.setup_logging()
-    result = measure_diffusion_gain(args.run, round_index=args.round_index)
+    result = measure_diffusion_gain(args.run, round_index=args.round_index, validation_queries=args.validation_queries,
+                                    test_queries=args.test_queries)
     val = result["validation"]
     rows = {"validation: without": val["without"]}
     rows.update({f"validation: diffusion k {c['k']}, α {c['alpha']}": c for c in val["diffusion"]})
