@@ -139,6 +139,16 @@ class ImputeConfig:
 
 
 @dataclass(frozen=True)
+class DiffusionConfig:
+    """Diffusion re-ranking (Iscen et al., CVPR 2017) on the round's reciprocal k-NN graph."""
+
+    alpha: float = 0.9  # α of (I − αS)f = y; overridden by benchmarks/diffusion.py's validation choice
+    k: int = 20  # graph neighbours per frame and the query's seeds; ≤ neighbours.k (the table it reads)
+    gamma: float = 3.0  # affinities and the query's signal raised to γ = 3, as the paper
+    truncate: int = 1000  # initial results diffused per query: the paper's truncation keeps it m², not N
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     labels: str = ""  # labels table (Parquet path/URI); empty = no evaluation. Training never reads it
     knn_k: int = 5  # k-NN classification, paper's PASCAL protocol
@@ -146,6 +156,8 @@ class EvaluateConfig:
     pearson: bool = True  # similarity = Pearson correlation (centre + L2-normalise each vector), paper's protocol
     memory_mb: int = 1024  # per task, for whole similarity rows and their ranks (~160 B per entry): sets row blocks
     queries_per_task: int = 4096  # query rows per Ray task: tasks of seconds, enough of them to spread
+    rerank: str = "none"  # "diffusion": each query's top results re-ranked on the k-NN graph (needs neighbours)
+    diffusion: DiffusionConfig = DiffusionConfig()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -312,6 +312,7 @@ def class_partial(
     start: int = 0,
     stop: Optional[int] = None,
     row_block: int = 1024,
+    rescore: Optional[Callable[[np.ndarray, torch.Tensor], torch.Tensor]] = None,
 ) -> Partial:
     """Queries ``features[start:stop]`` against the whole set ``features`` (N, d), leave-one-out.
 
@@ -319,6 +320,8 @@ def class_partial(
         features: (N, d) one category's evaluated frames (Pearson-normalised by the caller when asked).
         labels: (N,) int64 class codes 0..L−1.
         k: neighbours voting in k-NN (at most N − 1).
+        rescore: re-ranking of a block: (query positions (R,), similarities (R, N)) → new scores (R, N)
+            (``diffusion.DiffusionRescorer``); every metric, kNN included, then ranks by the new scores.
     Positives of query i: the other frames with labels[i]; negatives: the rest; i itself excluded.
     """
     # Arrays from Ray's object store are read-only; torch wants writable memory (copy only then).
@@ -331,6 +334,8 @@ def class_partial(
     parts = []
     for offset, sims in iter_similarity_blocks(features[start:stop], features, row_block):
         rows = torch.arange(start + offset, start + offset + sims.shape[0])
+        if rescore is not None:
+            sims = rescore(rows.numpy(), sims)
         r_idx = torch.arange(sims.shape[0])
         valid = torch.ones(sims.shape, dtype=torch.bool)
         valid[r_idx, rows] = False

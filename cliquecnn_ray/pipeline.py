@@ -74,15 +74,20 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
     cfg = prepare_labels(cfg)
     step("features")
     evaluations = []
+
+    def evaluate(r: int) -> None:
+        if cfg.evaluate.rerank == "diffusion":
+            step("neighbours", r)  # the diffusion graph: the round's own neighbours stage (last round too)
+        evaluations.append(step("evaluate", r)["stats"])
+        _log_round(r, evaluations[-1], records)
+
     for r in range(cfg.rounds):
         if cfg.evaluate.labels:
-            evaluations.append(step("evaluate", r)["stats"])
-            _log_round(r, evaluations[-1], records)
+            evaluate(r)
         for name in ROUND_STAGES:
             step(name, r)
     if cfg.evaluate.labels:
-        evaluations.append(step("evaluate", cfg.rounds)["stats"])
-        _log_round(cfg.rounds, evaluations[-1], records)
+        evaluate(cfg.rounds)
     report_uri = step("report")["stats"]["uri"]
     summary = {
         "run": cfg.run,

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from .. import metrics
+from .. import diffusion, metrics
 from .. import raysetup, schema, storage
 from ..config import PipelineConfig, to_dict
 from ..metrics import format_metrics_table  # noqa: F401  (re-exported: the pipeline and benchmarks use it)
@@ -33,6 +33,7 @@ log = logging.getLogger("cliquecnn")
 
 FRAME_COLUMNS = [schema.FRAME_ID, schema.VIDEO_ID, schema.FRAME_INDEX, schema.CATEGORY]
 IDS_SHOWN = 10  # unknown frame ids listed in an error
+RERANKS = ("none", "diffusion")
 
 
 def run(
@@ -50,6 +51,7 @@ def run(
         raise ValueError("evaluate: no labels table configured (set evaluate.labels to a Parquet path or URI)")
     if ltp_p < 0:
         raise ValueError(f"evaluate: ltp_p must be ≥ 0, got {ltp_p}")
+    _check_rerank(cfg, features_stage)
     features = StageDir(cfg.run, round, features_stage)
     frames = StageDir(cfg.run, 0, "frames")
     inputs = {
@@ -57,6 +59,9 @@ def run(
         "frames": frames.fingerprint(),
         "labels": source_fingerprint(ecfg.labels),
     }
+    if ecfg.rerank == "diffusion":
+        # The graph is the round's neighbours table (for the last round: `cliquecnn neighbours --round R`).
+        inputs["neighbours"] = StageDir(cfg.run, round, "neighbours").fingerprint()
     config = {"evaluate": to_dict(ecfg), "features_stage": features_stage, "ltp_p": ltp_p}
 
     def compute(attempt_uri: str) -> dict:
@@ -68,7 +73,10 @@ def run(
             "ltp_p": ltp_p,
             "knn_k": ecfg.knn_k,
             "roc_points": metrics.ROC_POINTS,
+            "rerank": ecfg.rerank,
         }
+        if ecfg.rerank == "diffusion":
+            result["protocol"]["diffusion"] = to_dict(ecfg.diffusion)
         storage.write_json(storage.join(attempt_uri, "metrics.json"), result)
         roc_png, pr_png = plot_curves(result, title=f"{features}" + (f", LTP ±{ltp_p}" if ltp_p else ""))
         storage.write_bytes(storage.join(attempt_uri, "roc.png"), roc_png)
@@ -81,6 +89,23 @@ def run(
         return stats
 
     return run_stage(StageDir(cfg.run, round, out_stage), config, inputs, compute, force=force)
+
+
+def _check_rerank(cfg: PipelineConfig, features_stage: str) -> None:
+    ecfg, dcfg = cfg.evaluate, cfg.evaluate.diffusion
+    if ecfg.rerank not in RERANKS:
+        raise ValueError(f"evaluate.rerank = {ecfg.rerank!r} is not one of {', '.join(RERANKS)}")
+    if ecfg.rerank != "diffusion":
+        return
+    if features_stage != "features":
+        raise ValueError(f"evaluate.rerank = diffusion: the graph is the neighbours table of the round's own "
+                         f"features, not of {features_stage!r}")
+    if not 0 <= dcfg.alpha < 1 or dcfg.k < 1 or dcfg.gamma <= 0 or dcfg.truncate <= dcfg.k:
+        raise ValueError(f"evaluate.diffusion: alpha = {dcfg.alpha} must be in [0, 1), k = {dcfg.k} ≥ 1, "
+                         f"gamma = {dcfg.gamma} > 0, truncate = {dcfg.truncate} > k")
+    if dcfg.k > cfg.neighbours.k:
+        raise ValueError(f"evaluate.diffusion.k = {dcfg.k} exceeds neighbours.k = {cfg.neighbours.k}, the "
+                         "neighbours the graph is built from")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,8 +127,14 @@ def evaluate_run(cfg: PipelineConfig, features: StageDir, frames: StageDir, ltp_
     category_of = _categories_by_row(ids, frame_table, str(features))
     raysetup.init_ray()
     cpus = cfg.resources.cpus_per_task
+    graph = None
+    if ecfg.rerank == "diffusion":
+        graph = diffusion.load_knn_graph(cfg.run, features.round, ecfg.diffusion.k, ecfg.diffusion.gamma)
     if schema.LABEL in labels.column_names:
-        jobs = _class_jobs(cfg, labels, ids, feats, category_of, cpus)
+        jobs = _class_jobs(cfg, labels, ids, feats, category_of, cpus, graph)
+    elif graph is not None:
+        raise ValueError(f"evaluate.rerank = diffusion re-ranks whole rankings of class labels; the labels "
+                         f"table ({ecfg.labels}) holds candidate lists")
     elif schema.QUERY_ID in labels.column_names:
         jobs = _candidate_jobs(cfg, labels, ids, feats, category_of, cpus)
     else:
@@ -161,7 +192,7 @@ def _selected(cfg: PipelineConfig, cats: np.ndarray, source: str) -> list[str]:
     return present
 
 
-def _class_jobs(cfg, labels, ids, feats, category_of, cpus) -> list[tuple[str, Any]]:
+def _class_jobs(cfg, labels, ids, feats, category_of, cpus, graph=None) -> list[tuple[str, Any]]:
     import ray
 
     source = cfg.evaluate.labels
@@ -188,14 +219,23 @@ def _class_jobs(cfg, labels, ids, feats, category_of, cpus) -> list[tuple[str, A
         codes, _ = metrics.encode_labels(values[sel].astype(str))
         feats_ref = ray.put(np.ascontiguousarray(feats[rows[sel]]))
         codes_ref = ray.put(codes)
+        rescore_ref = None if graph is None else ray.put(_rescorer(cfg, graph, feats, category_of == cat, rows[sel]))
         n = len(sel)
         row_block = metrics.row_block_for(n, cfg.evaluate.memory_mb)
         step = max(1, cfg.evaluate.queries_per_task)
         log.info("evaluate: category %s, %d labelled frames, %d classes, %d task(s)", cat, n, codes.max() + 1,
                  -(-n // step))
         for start in range(0, n, step):
-            jobs.append((cat, task.remote(feats_ref, codes_ref, k, start, min(n, start + step), row_block)))
+            jobs.append((cat, task.remote(feats_ref, codes_ref, k, start, min(n, start + step), row_block,
+                                          rescore_ref)))
     return jobs
+
+
+def _rescorer(cfg, graph, feats, in_category, item_rows) -> diffusion.DiffusionRescorer:
+    """Diffusion over one category: initial results from all its frames (graph rows = feature rows)."""
+    pool = np.flatnonzero(in_category)
+    dcfg = cfg.evaluate.diffusion
+    return diffusion.DiffusionRescorer(graph, pool, feats[pool], item_rows, dcfg.alpha, dcfg.truncate)
 
 
 def _candidate_jobs(cfg, labels, ids, feats, category_of, cpus) -> list[tuple[str, Any]]:
@@ -234,8 +274,8 @@ def _split(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
     return np.split(flat, bounds) if like else []
 
 
-def _class_task_fn(feats, codes, k, start, stop, row_block) -> metrics.Partial:
-    return metrics.class_partial(feats, codes, k=k, start=start, stop=stop, row_block=row_block)
+def _class_task_fn(feats, codes, k, start, stop, row_block, rescore=None) -> metrics.Partial:
+    return metrics.class_partial(feats, codes, k=k, start=start, stop=stop, row_block=row_block, rescore=rescore)
 
 
 def _candidate_task_fn(feats, query_rows, cand, positive, valid) -> metrics.Partial:
