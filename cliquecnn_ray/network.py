@@ -240,6 +240,19 @@ def pearson_normalise(feats):
     return x.numpy() if is_np else x
 
 
+def frame_features(model: nn.Module, meta: dict, images, batch_size: int = 256,
+                   device: Optional[torch.device | str] = None) -> np.ndarray:
+    """A trained model's per-frame features φ (paper Sect. 2.5): ``meta["feature_layer"]``, Pearson-normalised.
+
+    The impute stage, ``cliquecnn embed`` and the search service's image queries all go through here, so a
+    frame gets the same φ whichever path computed it. Returns (N, d) float32 numpy.
+    """
+    device = torch.device(device) if device is not None else next(unwrap(model).parameters()).device
+    feats = extract_features(model, images, meta["feature_layer"], batch_size=batch_size, device=device,
+                             amp=device.type == "cuda")
+    return pearson_normalise(feats).numpy()
+
+
 # ---------------------------------------------------------------------------------------------
 # Model files: the state_dict plus what it takes to rebuild the network
 
