@@ -13,8 +13,7 @@ HTTP API (JSON): ``GET /api/info``, ``GET /api/frames?count=&offset=`` (frames s
 ``GET /api/frames/{frame_id}/image`` (PNG thumbnail), ``POST /api/search?k=&rerank=`` (body: an image file);
 ``GET /`` is the page. A frame's own similar list leaves the frame out.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the route parameters' annotations at run time.
 import asyncio
 import importlib.resources
 import logging
