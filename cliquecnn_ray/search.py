@@ -13,10 +13,10 @@ the run. Never imports ray.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -49,7 +49,7 @@ def missing_for_round(run: str, round_index: int) -> list[str]:
     return missing
 
 
-def servable_round(run: str, round_index: Optional[int] = None) -> int:
+def servable_round(run: str, round_index: int | None = None) -> int:
     """``round_index`` when it can be served, else StageNotCommitted naming what is missing; ``None`` picks
     the last round with committed features and the model that made them."""
     if round_index is not None:
@@ -85,7 +85,7 @@ def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     if shards < 1:
         raise ValueError(f"shards must be ≥ 1, got {shards}")
     edges = [n * i // shards for i in range(shards + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise(edges))
 
 
 def feature_count(run: str, round_index: int) -> int:
@@ -183,7 +183,7 @@ class FrameInfo:
     frame_index: int
     category: str
 
-    def as_dict(self, score: Optional[float] = None) -> dict:
+    def as_dict(self, score: float | None = None) -> dict:
         out = {"frame_id": self.frame_id, "video_id": self.video_id, "frame_index": self.frame_index,
                "category": self.category}
         return out if score is None else {**out, "score": float(score)}
@@ -249,7 +249,7 @@ class FrameCatalogue:
         return [self.info(int(r)).as_dict() for r in self._by_video[start : min(hi, start + limit)]]
 
     def summary(self) -> dict:
-        return {"frames": len(self), "videos": int(len(np.unique(self.video_ids))),
+        return {"frames": len(self), "videos": len(np.unique(self.video_ids)),
                 "categories": sorted({str(c) for c in np.unique(self.categories)})}
 
     def _thumbnail(self, row: int) -> bytes:

@@ -17,7 +17,6 @@ HTTP API (JSON): ``GET /api/info``, ``GET /api/frames?count=&offset=`` (frames s
 import asyncio
 import importlib.resources
 import logging
-from typing import Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -116,7 +115,7 @@ class SearchApi:
 
     # --- the search itself
 
-    async def _nearest(self, query: np.ndarray, k: int, rerank: str, exclude: Optional[int] = None) -> list[dict]:
+    async def _nearest(self, query: np.ndarray, k: int, rerank: str, exclude: int | None = None) -> list[dict]:
         wanted = k + (exclude is not None)
         if rerank == "diffusion":
             if self.graph is None:
@@ -134,7 +133,7 @@ class SearchApi:
         keep = ids != exclude if exclude is not None else np.ones(len(ids), bool)
         return self.frames.describe(ids[keep][:k], scores[keep][:k])
 
-    def _query(self, k: Optional[int], rerank: str) -> int:
+    def _query(self, k: int | None, rerank: str) -> int:
         k = self.settings["default_k"] if k is None else k
         search.check_query(k, self.settings["max_k"], rerank)
         return k
@@ -167,7 +166,7 @@ class SearchApi:
         return {**self.frames.info(row).as_dict(), "video": self.frames.video_strip(row, STRIP_FRAMES)}
 
     @api.get("/api/frames/{frame_id}/similar")
-    async def similar(self, frame_id: int, k: Optional[int] = None, rerank: str = "none") -> dict:
+    async def similar(self, frame_id: int, k: int | None = None, rerank: str = "none") -> dict:
         row = self.frames.row(frame_id)
         k = self._query(k, rerank)
         shard = self.shards[int(np.searchsorted(self.bounds_hi, frame_id, side="right"))]
@@ -181,7 +180,7 @@ class SearchApi:
         return Response(content=png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @api.post("/api/search")
-    async def search_image(self, request: Request, k: Optional[int] = None, rerank: str = "none") -> dict:
+    async def search_image(self, request: Request, k: int | None = None, rerank: str = "none") -> dict:
         k = self._query(k, rerank)
         data = await request.body()
         search.check_image(data, int(self.settings["max_upload_mb"] * 2**20))
@@ -194,7 +193,7 @@ class SearchApi:
         return self.settings["shard_ends"][:-1]
 
 
-def build_app(cfg: PipelineConfig, run: str, round_index: Optional[int] = None):
+def build_app(cfg: PipelineConfig, run: str, round_index: int | None = None):
     """The Serve application of round ``round_index`` (default: the last) of ``run``; StageNotCommitted
     naming what is missing when the run cannot be served."""
     from .stages.train import MODEL_FILE
@@ -217,7 +216,7 @@ def build_app(cfg: PipelineConfig, run: str, round_index: Optional[int] = None):
                                                              to_dict(cfg.evaluate.diffusion))
 
 
-def start(cfg: PipelineConfig, run: str, round_index: Optional[int] = None, address: Optional[str] = None) -> str:
+def start(cfg: PipelineConfig, run: str, round_index: int | None = None, address: str | None = None) -> str:
     """Deploy the service (on ``address``'s cluster, else the embedded local Ray); returns its URL."""
     app = build_app(cfg, run, round_index)  # checks the run before anything starts
     raysetup.init_ray(address=address)

@@ -79,7 +79,7 @@ def _answer(results: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_info_names_the_run_and_its_round(served):
-    client, run, _ = served
+    client, _, _ = served
     info = client.json("/api/info")
     assert info["round"] == 1 and info["frames"] == 24 and info["videos"] == 4
     assert info["categories"] == ["even", "odd"] and info["shards"] == 2 and info["index"] == "exact"
@@ -138,14 +138,14 @@ def test_diffusion_reranks_the_exact_answer_on_the_rounds_graph(served):
     d = cfg.evaluate.diffusion
     graph = diffusion.load_knn_graph(run, 1, k=d.k, gamma=d.gamma)
     ids, scores = _brute_force(run, _features(run)[1][4], d.truncate)
-    rows, f = diffusion.rerank(graph, graph.rows_of(ids), scores, 9, d.alpha)
+    rows, _ = diffusion.rerank(graph, graph.rows_of(ids), scores, 9, d.alpha)
     want = [i for i in graph.frame_ids[rows] if i != 4][:8]
     answer = client.json("/api/frames/4/similar?k=8&rerank=diffusion")
     assert [r["frame_id"] for r in answer["results"]] == want and answer["rerank"] == "diffusion"
 
 
 def test_bad_requests_are_refused_with_a_reason(served):
-    client, _, cfg = served
+    client, _, _ = served
     assert "not an image" in client.json("/api/search", body=b"%PDF-1.4 not a picture", status=400)["detail"]
     assert "empty" in client.json("/api/search", body=b"", status=400)["detail"]
     assert "not a frame of this run" in client.json("/api/frames/24/similar", status=404)["detail"]
@@ -176,9 +176,10 @@ def test_thumbnails_and_the_video_strip(served):
 
 
 def test_serve_refuses_a_run_without_model_or_features(ray_session, tmp_path, capsys):
+    from synthetic import commit_table, frames_table
+
     from cliquecnn_ray.config import load_config
     from cliquecnn_ray.service import build_app
-    from synthetic import commit_table, frames_table
 
     run = str(tmp_path / "run")
     commit_table(run, 0, "frames", frames_table(np.zeros((3, 8, 8), np.uint8)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
 
 from .. import search
 from ..config import ImputeConfig, PipelineConfig
@@ -35,7 +34,7 @@ def run_preprocessing(cfg: PipelineConfig, run: str, round_index: int) -> Pipeli
     return dataclasses.replace(cfg, ingest=ingest_cfg, impute=dataclasses.replace(cfg.impute, ltp_p=int(ltp_p)))
 
 
-def run(cfg: PipelineConfig, run: str, out: str, round_index: Optional[int] = None, force: bool = False) -> dict:
+def run(cfg: PipelineConfig, run: str, out: str, round_index: int | None = None, force: bool = False) -> dict:
     """Embed ``cfg.sources`` with ``run``'s model of the round whose features are ``round_index`` (default:
     the last such round) into ``out``; returns {"round", "frames": ingest record, "features": impute record}.
     """
