@@ -220,8 +220,9 @@ def start(cfg: PipelineConfig, run: str, round_index: int | None = None, address
     """Deploy the service (on ``address``'s cluster, else the embedded local Ray); returns its URL."""
     app = build_app(cfg, run, round_index)  # checks the run before anything starts
     raysetup.init_ray(address=address)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    quiet = {"log_level": "WARNING"}  # Serve logs every request at INFO
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=quiet)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     log.info("search service for %s (round %s) at %s", run, round_index if round_index is not None else "last", url)
     return url

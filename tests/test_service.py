@@ -234,7 +234,7 @@ def test_the_page_searches_by_clicking_a_frame(served, browser, tmp_path):
                                                   ].get_attribute("class")
     # Search from a neighbour, with diffusion re-ranking on.
     browser.find_element(By.ID, "diffusion").click()
-    wait.until(lambda b: "(diffusion)" in b.find_element(By.ID, "grid-title").text)
+    wait.until(lambda b: "(diffusion)" in b.find_element(By.ID, "grid-title").text.lower())
     neighbour = browser.find_elements(By.CSS_SELECTOR, "#grid .tile")[0]
     target = int(neighbour.get_attribute("data-frame-id"))
     neighbour.click()
