@@ -1,4 +1,4 @@
-"""Benchmark of CCCP batch selection (paper Sect. 2.3, DESIGN §7, §11): the fast solver against the exact one.
+"""Benchmark of CCCP batch selection (paper Sect. 2.3, docs/method.md#cccp): the fast solver against the exact one.
 
 Synthetic cliques with class structure (``batches.synthetic_cliques``: class centres random, so similarities
 between classes are centred at 0; cliques of ~20 frames of one class, overlapping within a class). All

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/round0_fashion_mnist.py
 
-Protocol (DESIGN §9): queries and database are the 10,000 test images, each query left out of its own
+Protocol (docs/evaluation.md): queries and database are the 10,000 test images, each query left out of its own
 database; mean per-query ROC AUC, k-NN accuracy (k = 5, Pearson, leave-one-out) and mAP, all computed
 block by block through the similarity engine. The LDA statistics (μ, Σ) come from all 70,000 images, as the
 pipeline computes them over every frame it is given; labels are used for evaluation only.

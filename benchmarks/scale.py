@@ -267,7 +267,7 @@ def run_one(n: int, sources: Path, run: Path) -> dict:
     seconds, stage_mem = {}, {}
     for name in STAGES:
         t0 = time.time()
-        record = stage_runner(name)(cfg, round=0)
+        record = stage_runner(name)(cfg, round_index=0)
         seconds[name] = round(time.time() - t0, 2)
         pss, rss = sampler.window()
         stage_mem[name] = round(pss, 3)

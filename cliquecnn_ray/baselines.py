@@ -1,5 +1,5 @@
-"""Baselines on the same protocol (paper Sect. 3.1, DESIGN §9): raw pixels, HOG, HOG-LDA (± LTP where the
-frames form videos), a randomly initialised CNN, NN-CNN, and the full method without LTP.
+"""Baselines on the same protocol (paper Sect. 3.1, docs/evaluation.md#baselines): raw pixels, HOG, HOG-LDA
+(± LTP where the frames form videos), a randomly initialised CNN, NN-CNN, and the full method without LTP.
 
 NN-CNN is trained as the paper trains it (Sect. 3.1 v–vi): like the 1-sample CNN, "a separate class for
 each exemplar ... plus one class containing all other samples", where an exemplar's class is the exemplar
@@ -24,7 +24,7 @@ from .config import PipelineConfig
 from .pipeline import prepare_labels, resolve_builtin_data, stage_runner
 from .rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 NN_CNN_NEIGHBOURS = 10  # paper Sect. 3.1: the exemplar plus its 10 nearest HOG-LDA neighbours
 
@@ -153,13 +153,12 @@ def _has_videos(cfg: PipelineConfig) -> bool:
 
 
 def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
-    """Run (or resume) every baseline and the method's rounds' evaluations; print and return the table."""
-    from .metrics import format_metrics_table
+    """Run (or resume) every baseline and the method's rounds' evaluations; returns {name: metrics}."""
     from .stages.train import total_steps
 
     cfg = resolve_builtin_data(cfg)
     evaluate, features, impute = stage_runner("evaluate"), stage_runner("features"), stage_runner("impute")
-    stage_runner("ingest")(cfg, round=0, force=force)
+    stage_runner("ingest")(cfg, round_index=0, force=force)
     cfg = prepare_labels(cfg)
     if not cfg.evaluate.labels:
         raise ValueError("baselines need labels: set evaluate.labels (a labels table) in the config")
@@ -169,12 +168,12 @@ def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
 
     def measure(name: str, round_: int, stage: str, ltp_p: int = 0) -> None:
         out = f"evaluate_{name.replace(' ', '_').replace('+', 'plus_').replace('-', '_')}"
-        record = evaluate(cfg, round=round_, force=force, features_stage=stage, out_stage=out, ltp_p=ltp_p)
+        record = evaluate(cfg, round_index=round_, force=force, features_stage=stage, out_stage=out, ltp_p=ltp_p)
         results[name] = {k: record["stats"].get(k) for k in ("auc", "auc_mean_roc", "knn", "map")}
 
-    stage_runner("features")(cfg, round=0, force=force)
+    stage_runner("features")(cfg, round_index=0, force=force)
     for kind in ("raw", "hog"):
-        features(cfg, round=0, force=force, kind=kind, stage=f"features_{kind}")
+        features(cfg, round_index=0, force=force, kind=kind, stage=f"features_{kind}")
         measure(kind, 0, f"features_{kind}")
         if videos:
             measure(f"{kind} + LTP", 0, f"features_{kind}", ltp_p=ltp)
@@ -183,23 +182,22 @@ def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
         measure("hog-lda + LTP", 0, "features", ltp_p=ltp)
 
     _commit_random_model(cfg, force)
-    impute(cfg, round=0, force=force, model_stage="model_random", out_stage="features_random")
+    impute(cfg, round_index=0, force=force, model_stage="model_random", out_stage="features_random")
     measure("random cnn", 1, "features_random")
 
-    stage_runner("neighbours")(cfg, round=0, force=force)
+    stage_runner("neighbours")(cfg, round_index=0, force=force)
     _commit_nn_cnn(cfg, force)
     budget = dataclasses.replace(cfg.train, steps=total_steps(cfg), round_steps=())  # the method's, all rounds
     for name, variant, balanced in (("nn-cnn", "nncnn", False), ("nn groups + random batches", "nngroups", True)):
         same_budget = dataclasses.replace(cfg, train=dataclasses.replace(budget, balance_cliques=balanced))
-        stage_runner("train")(same_budget, round=0, force=force, variant=f"_{variant}")
-        impute(cfg, round=0, force=force, model_stage=f"model_{variant}", out_stage=f"features_{variant}")
+        stage_runner("train")(same_budget, round_index=0, force=force, variant=f"_{variant}")
+        impute(cfg, round_index=0, force=force, model_stage=f"model_{variant}", out_stage=f"features_{variant}")
         measure(name, 1, f"features_{variant}")
 
     final = StageDir(cfg.run, cfg.rounds - 1, "model")
     if videos and cfg.rounds > 0 and final.record():
-        impute(cfg, round=cfg.rounds - 1, force=force, out_stage="features_noltp", ltp_p=0)
+        impute(cfg, round_index=cfg.rounds - 1, force=force, out_stage="features_noltp", ltp_p=0)
         measure("full method without LTP", cfg.rounds, "features_noltp")
 
     storage.write_json(storage.join(cfg.run, "baselines.json"), results)
-    print(format_metrics_table(results))
     return results

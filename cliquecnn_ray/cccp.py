@@ -1,4 +1,4 @@
-"""Batches of mutually distant cliques (paper Sect. 2.3, Eq. 1–6; DESIGN §7).
+"""Batches of mutually distant cliques (paper Sect. 2.3, Eq. 1–6; docs/method.md#the-batch-problem).
 
 Pure math over numpy / torch / cvxpy; no Ray here (the Ray layer is ``stages/batches.py``).
 
@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 
 class BatchesError(ValueError):
@@ -179,7 +179,7 @@ def make_problem(S: np.ndarray, clique_frames: Sequence[np.ndarray], B: int, r: 
                  lambdas: Sequence[float] = (1.0, 4.0, 2.0), category: str = "", n_draws: int = 8) -> Problem:
     """Validate, shrink and normalise one category's problem.
 
-    Normalisers (so λ1, λ2, λ3 are relative weights; DESIGN §11):
+    Normalisers (so λ1, λ2, λ3 are relative weights; docs/method.md#the-batch-problem):
       s_sim = B·r(r−1)·rms(S'_kl, k ≠ l): the pair-similarity sum of random batches, with the entries' root
               mean square in place of their mean so that a centred S' (mean ≈ 0) does not make it vanish;
       s_cov = E Σ_b ||x_b C||_p^p and s_tot = E ||1 X C||_p^p over random binary X (``n_draws`` draws from
@@ -187,8 +187,8 @@ def make_problem(S: np.ndarray, clique_frames: Sequence[np.ndarray], B: int, r: 
       s_bin = 2·B·r / (K − r)^{1−p}: at a binary X, spreading one unit of a batch's mass evenly over the
               K − r cliques outside it gains about (K − r)^{1−p} cliques' worth of per-batch coverage (t^p
               is near 1 even for tiny t) and costs 2 units of ||X − 0.5||² at the CCCP linearisation; this
-              s_bin puts λ3 = 1 at that balance for any K/r, so λ3 > 1 keeps a binary X stable (λ3 ≈ "the
-              normalised size of the other terms", DESIGN §11).
+              s_bin puts λ3 = 1 at that balance for any K/r, so λ3 > 1 keeps a binary X stable (λ3 ≈ the
+              normalised size of the other terms).
     S' is symmetrised and, when it has negative eigenvalues, projected onto the PSD cone (paper Sect. 2.3),
     so that u stays convex.
     """
@@ -674,8 +674,8 @@ def _coverage(batches: np.ndarray, prob: Problem) -> tuple[np.ndarray, float]:
 
 
 def batch_stats(batches: np.ndarray, prob: Problem, X: Optional[np.ndarray] = None, seed: int = 0) -> dict:
-    """What the chosen batches (B, r) trade (DESIGN §7), each beside random batches of r of the same K
-    cliques (seeded), so the figures read as ratios.
+    """What the chosen batches (B, r) trade (docs/method.md#the-batch-problem), each beside random batches
+    of r of the same K cliques (seeded), so the figures read as ratios.
 
     Keys: objective_relaxed (f at X, when given), objective_rounded, objective_random; binary_fraction
     (entries of X within 0.01 of 0 or 1); within_batch_sim / _random / _ratio (mean S' over within-batch

@@ -23,7 +23,7 @@ from typing import Optional
 from . import raysetup
 from .config import ConfigError, PipelineConfig, load_config
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
@@ -161,7 +161,9 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     if args.command == "baselines":
         from . import baselines
 
-        baselines.run(cfg, force=args.force)
+        from .metrics import format_metrics_table
+
+        print(format_metrics_table(baselines.run(cfg, force=args.force)))
         return 0
     kwargs = {}
     if args.command == "ingest":
@@ -174,7 +176,7 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         cfg = pipeline.prepare_labels(pipeline.resolve_builtin_data(cfg))
         kwargs = {"features_stage": args.features_stage, "ltp_p": args.ltp}
     round_ = getattr(args, "round", 0)
-    record = pipeline.stage_runner(args.command)(cfg, round=round_, force=args.force, **kwargs)
+    record = pipeline.stage_runner(args.command)(cfg, round_, force=args.force, **kwargs)
     state = "skipped (already committed)" if record.get("skipped") else f"done in {record.get('seconds', 0):.1f} s"
     print(f"{args.command}: {state}; stats: {json.dumps(record.get('stats', {}), default=str)[:2000]}")
     return 0

@@ -30,7 +30,7 @@ def not_hashed(default: Any) -> Any:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """What each Ray task asks for, so an autoscaler adds the right nodes (DESIGN §10)."""
+    """What each Ray task asks for, so an autoscaler adds the right nodes (docs/architecture.md#the-stages)."""
 
     cpus_per_task: float = 1.0  # one core per similarity / CCCP / decode task is the natural grain
     gpus_for_training: bool = False  # CPU by default: CI and laptops have no GPU; set True on a GPU cluster
@@ -46,13 +46,13 @@ class IngestConfig:
     on_bad_frame: str = "error"  # "error" stops on an undecodable frame; "skip" skips and lists it
     column_map: dict = field(default_factory=dict)  # Parquet sources: {source column: canonical column}
     category_from_folder: bool = False  # folder tree whose first level is the category
-    default_category: str = "all"  # a single category unless the data say otherwise (DESIGN §1)
+    default_category: str = "all"  # a single category unless the data say otherwise (docs/architecture.md#categories)
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
     kind: str = "hog_lda"  # paper Sect. 2.1: whitened HOG; also "hog" (unwhitened) and "raw" pixels
-    image_size: int = 64  # DESIGN §3: frames resized to 64×64 grey before HOG
+    image_size: int = 64  # frames resized to 64×64 grey before HOG (docs/method.md#hog-lda)
     hog_orientations: int = 9  # Dalal–Triggs / skimage default
     hog_cell: int = 8  # 8-pixel cells, as the authors' HOG-LDA
     hog_block: int = 2  # 2×2-cell blocks, skimage default
@@ -76,7 +76,7 @@ class CliquesConfig:
     min_sim: float = 0.0  # complete-linkage cut: every pair in a clique at least this similar (−1: size only)
     target_size: int = 20  # paper Fig. 3: cliques of at least 20 samples... at most this many here
     min_size: int = 4  # a clique of fewer frames teaches little
-    max_per_video: int = 5  # stop a clique from being neighbouring frames of one shot (DESIGN §6)
+    max_per_video: int = 5  # stop a clique from being neighbouring frames of one shot (docs/method.md#compact-cliques)
     num_cliques: int = 100  # K, paper Sect. 3.1
     seeds_per_task: int = 512  # seeds per parallel Ray task
     max_seeds: int = 0  # 0 = every frame of a category seeds a clique (paper); >0 a seeded random subset

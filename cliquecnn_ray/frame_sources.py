@@ -1,4 +1,4 @@
-"""Ingestion without Ray (DESIGN §1–2): list sources, decode videos and images, map Parquet columns.
+"""Ingestion without Ray (docs/data-contracts.md#frames): list sources, decode videos and images, map Parquet columns.
 
 A source (one entry of ``cfg.sources``, a local path or ``s3://`` URI) is one of
 
@@ -40,7 +40,7 @@ from PIL import Image
 from . import schema, storage
 from .config import IngestConfig
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ogv", ".3gp")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

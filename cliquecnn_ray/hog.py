@@ -1,4 +1,4 @@
-"""Initial similarities (paper Sect. 2.1, DESIGN §3): decode → crop → resize → HOG → LDA whitening.
+"""Initial similarities (paper Sect. 2.1, docs/method.md#hog-lda): decode → crop → resize → HOG → LDA whitening.
 
 Pure functions over arrays (numpy / torch / PIL); no Ray here. The Ray layer is ``stages/features.py``.
 
@@ -95,7 +95,7 @@ def _crop(img: Image.Image, box: Sequence[float], frame_id: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# HOG (DESIGN §3): skimage.feature.hog is the reference; hog_batch is a batched torch replica of it
+# HOG (docs/method.md#hog-lda): skimage.feature.hog is the reference; hog_batch is a batched torch replica of it
 
 
 def hog_reference(image: np.ndarray, orientations: int = 9, cell: int = 8, block: int = 2) -> np.ndarray:

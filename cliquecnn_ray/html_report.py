@@ -1,4 +1,4 @@
-"""The run report: one static HTML page and its PNGs (DESIGN §9).
+"""The run report: one static HTML page and its PNGs (docs/architecture.md#the-report).
 
 Figures, after the paper: the similarity matrix of one video before and after learning (Fig. 1), the mean
 image of the 50 nearest neighbours of a few queries (Fig. 2), one batch of cliques (Fig. 3), and the
@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 
 def _png(fig) -> bytes:

@@ -1,4 +1,4 @@
-"""Compact cliques (paper Sect. 2.2, DESIGN §6): pure functions over numpy arrays; the Ray layer is
+"""Compact cliques (paper Sect. 2.2, docs/method.md#compact-cliques): pure functions over numpy arrays; the Ray layer is
 ``stages/cliques.py``.
 
 The pipeline for one category, on frames indexed locally 0..n-1:
@@ -37,7 +37,7 @@ The pipeline for one category, on frames indexed locally 0..n-1:
 4. ``clique_similarity`` — S'_ab = mean_{i∈a, j∈b} φ_iᵀφ_j = m_aᵀm_b with m_a the clique's mean feature
    (O(K·d), never a frame-by-frame matrix). The diagonal S'_aa = ‖m_a‖² is the mean over all pairs of a
    *including* self-pairs, so S' = M Mᵀ is a Gram matrix (PSD up to rounding); ``project_psd`` zeroes
-   negative eigenvalues and projects back (DESIGN §6) as a guard.
+   negative eigenvalues and projects back (docs/method.md#clique-similarity) as a guard.
 
 Compactness = mean pairwise similarity over distinct pairs (self-pairs excluded):
 (‖Σ_i φ_i‖² − Σ_i ‖φ_i‖²) / (m(m − 1)); a single frame has compactness 1.
@@ -467,8 +467,8 @@ def clique_similarity(cliques: Sequence[np.ndarray], features: np.ndarray) -> np
 
 def project_psd(sim: np.ndarray, tol: float = 1e-10) -> np.ndarray:
     """Nearest PSD matrix (Frobenius) of the symmetric part of ``sim`` (K, K): negative eigenvalues
-    zeroed and projected back (DESIGN §6). A matrix whose eigenvalues are all ≥ −tol·max|λ| is returned
-    unchanged (symmetrised)."""
+    zeroed and projected back (docs/method.md#clique-similarity). A matrix whose eigenvalues are all
+    ≥ −tol·max|λ| is returned unchanged (symmetrised)."""
     sym = (np.asarray(sim, dtype=np.float64) + np.asarray(sim, dtype=np.float64).T) / 2
     if not len(sym):
         return sym
@@ -486,7 +486,7 @@ def project_psd(sim: np.ndarray, tol: float = 1e-10) -> np.ndarray:
 
 def choose_seeds(n: int, max_seeds: int, rng_seed) -> np.ndarray:
     """Seed frames (sorted local indices): all n frames, or a seeded random subset of ``max_seeds``.
-    Seeds come from the data alone — never from evaluation labels (DESIGN §9)."""
+    Seeds come from the data alone — never from evaluation labels (docs/evaluation.md#what-training-never-reads)."""
     if max_seeds <= 0 or max_seeds >= n:
         return np.arange(n, dtype=np.int64)
     return np.sort(np.random.default_rng(rng_seed).choice(n, size=max_seeds, replace=False)).astype(np.int64)

@@ -1,9 +1,9 @@
-"""Evaluation metrics (DESIGN §9): per-query ROC AUC, the AUC of the mean ROC, k-NN accuracy, retrieval mAP.
+"""Evaluation metrics (docs/evaluation.md): per-query ROC AUC, the AUC of the mean ROC, k-NN accuracy, retrieval mAP.
 
 Everything is computed from features, over whole similarity ROWS produced block by block by the similarity
 engine (``neighbours.iter_similarity_blocks``): memory O(row_block · N), never an N×N matrix.
 
-Two label forms (DESIGN §2):
+Two label forms (docs/data-contracts.md#labels):
 - class labels — every evaluated frame is a query; its positives are the other frames with its label, its
   negatives all the rest; the query itself is left out of its own database (leave-one-out).
 - candidate lists (Olympic Sports style) — each query has listed positives and negatives; only the query's
@@ -263,7 +263,7 @@ def _curves(part: Partial) -> dict[str, list]:
 
 
 def summarise_categories(parts: Mapping[str, Partial]) -> dict[str, Any]:
-    """The metrics JSON over categories (categories are evaluated separately, DESIGN §1).
+    """The metrics JSON over categories (categories are evaluated separately, docs/architecture.md#categories).
 
     Pooled over all queries: ``auc`` (mean per-query AUC), ``auc_mean_roc_all_queries`` (AUC of one mean ROC
     over every query), ``knn``, ``map``. Unweighted means over categories with at least one query:

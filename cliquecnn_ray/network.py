@@ -1,4 +1,4 @@
-"""The CNN (paper Sect. 2.4, 3.1; DESIGN §8): network builder, feature extraction, model files.
+"""The CNN (paper Sect. 2.4, 3.1; docs/method.md#the-loss): network builder, feature extraction, model files.
 
 Pure torch; no Ray. Networks take float images (N, C, H, W) with values in [0, 1]: the input
 standardisation is the first layer of every network, so training and feature extraction cannot disagree

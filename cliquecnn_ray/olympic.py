@@ -1,4 +1,5 @@
-"""The Olympic Sports posture-retrieval protocol of the CliqueCNN authors (DESIGN §9), read from their files.
+"""The Olympic Sports posture-retrieval protocol of the CliqueCNN authors, read from their files
+(docs/evaluation.md#olympic-sports-protocol).
 
 ``data/olympic_sports/`` (shipped in this package) holds, per category (16, alphabetical):
 ``labels_hdf5_19.02.16/labels_<category>.hdf5`` — datasets ``anchors`` (A,), ``pos_ids``, ``neg_ids`` (one
@@ -191,13 +192,13 @@ def olympic_auc(
                 )
         flipped = flipped_by_category.get(category)
         part = metrics.Partial.of_rows(anchor_metrics(labels, features, flipped))
-        metrics = metrics.summarise(part)
+        summary = metrics.summarise(part)
         per_category[category] = {
-            "auc_mean_roc": metrics["auc_mean_roc"],
-            "auc": metrics["auc"],
-            "map": metrics["map"],
-            "n_anchors": metrics["n_queries"],
-            "skipped_anchors": metrics["skipped_queries"],
+            "auc_mean_roc": summary["auc_mean_roc"],
+            "auc": summary["auc"],
+            "map": summary["map"],
+            "n_anchors": summary["n_queries"],
+            "skipped_anchors": summary["skipped_queries"],
             "flipped_candidates": int(labels.flip.sum()) if flipped is not None else 0,
             "mean_tpr": (part.tpr_sum / max(part.n_queries, 1)).tolist(),
         }
@@ -217,10 +218,10 @@ def query_labels_table(
     frame_ids: Optional[Mapping[str, np.ndarray]] = None,
     only: Optional[Sequence[str]] = None,
 ) -> pa.Table:
-    """The labels as a query-form labels table (query_id, positive_ids, negative_ids; DESIGN §2) for the
-    evaluate stage. Frame ids are ``frame_ids[category][line]`` where given (ingested frames matched via
-    ``frame_keys``), else ``category_offset + line`` (frames ingested in the authors' order). Flipvals do
-    not travel in that table: the stage has no flipped features."""
+    """The labels as a query-form labels table (query_id, positive_ids, negative_ids;
+    docs/data-contracts.md#labels) for the evaluate stage. Frame ids are ``frame_ids[category][line]``
+    where given (ingested frames matched via ``frame_keys``), else ``category_offset + line`` (frames
+    ingested in the authors' order). Flipvals do not travel in that table: the stage has no flipped features."""
     queries, positives, negatives = [], [], []
     for category in only or categories(labels_dir):
         labels = read_labels(category, labels_dir)

@@ -13,9 +13,9 @@ from . import storage
 from .config import PipelineConfig
 from .rundir import StageDir
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
-# Stage name → module in cliquecnn_ray.stages; each exposes run(cfg, round=0, force=False) -> record.
+# Stage name → module in cliquecnn_ray.stages; each exposes run(cfg, round_index=0, force=False) -> record.
 ROUND_STAGES = ("neighbours", "cliques", "batches", "train", "impute")
 ALL_STAGES = ("ingest", "features") + ROUND_STAGES + ("evaluate", "report")
 
@@ -64,7 +64,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
     records: dict[str, dict] = {}
 
     def step(name: str, round_: int = 0, **kwargs) -> dict:
-        record = stage_runner(name)(cfg, round=round_, force=force, **kwargs)
+        record = stage_runner(name)(cfg, round_index=round_, force=force, **kwargs)
         key = f"round={round_}/{name}" + (f"[{kwargs}]" if kwargs else "")
         records[key] = record
         timings[name] = timings.get(name, 0.0) + (0.0 if record.get("skipped") else record.get("seconds", 0.0))

@@ -7,7 +7,13 @@ import os
 import sys
 from typing import Optional
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
+
+PACKAGE_LOGGER = "cliquecnn_ray"  # parent of every module's logging.getLogger(__name__)
+CONSOLE_HANDLER_MARK = "_cliquecnn_console"
+
+PACKAGE_LOGGER = "cliquecnn_ray"  # parent of every module's logging.getLogger(__name__)
+CONSOLE_HANDLER_MARK = "_cliquecnn_console"
 
 # Set before Ray is imported: no usage reporting, no ~/.ray/auth_token written by Ray 2.60.
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
@@ -29,14 +35,17 @@ FORWARDED_ENV = (
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """One concise line per event on the console."""
-    logger = logging.getLogger("cliquecnn")
-    if not logger.handlers:
+    """One concise line per event of this package on the console (for the command-line entry points).
+
+    The handler sits on the package's logger and records still propagate, so an application's own root
+    handlers (or pytest's caplog) see them too."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    if not any(getattr(h, CONSOLE_HANDLER_MARK, False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        setattr(handler, CONSOLE_HANDLER_MARK, True)
         logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False
 
 
 def tame_ray_data() -> None:

@@ -1,4 +1,4 @@
-"""The run directory and its commit protocol (DESIGN §1).
+"""The run directory and its commit protocol (docs/run-directory.md).
 
 Layout: ``<run>/round=<r>/<stage>/attempt-<id>/...`` holds what one attempt wrote, and
 ``<run>/round=<r>/<stage>/_SUCCESS.json`` commits it: written last, it names the attempt, its files, the
@@ -23,7 +23,7 @@ import pyarrow as pa
 from . import storage
 from .config import config_hash, to_dict
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS.json"
 

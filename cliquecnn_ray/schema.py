@@ -1,4 +1,4 @@
-"""The Parquet contracts between stages (DESIGN §2): column names, pyarrow schemas, validators.
+"""The Parquet contracts between stages (docs/data-contracts.md): column names, pyarrow schemas, validators.
 
 Validation errors name the table, the column and the first offending row, so a user can find it.
 """
@@ -75,7 +75,8 @@ QUERY_LABELS = pa.schema(
 
 
 def features_schema(d: int) -> pa.Schema:
-    """Features as a plain fixed_size_list<float32>[d], readable by any Parquet reader (DESIGN §2)."""
+    """Features as a plain fixed_size_list<float32>[d], readable by any Parquet reader
+    (docs/data-contracts.md#features)."""
     return pa.schema(
         [pa.field(FRAME_ID, pa.int64(), nullable=False), pa.field(FEATURE, pa.list_(pa.float32(), d))]
     )

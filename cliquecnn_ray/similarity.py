@@ -1,4 +1,4 @@
-"""The similarity engine (DESIGN §4): tiles of S = Φ_R Φ_Cᵀ, never the whole N×N matrix.
+"""The similarity engine (docs/method.md#neighbours): tiles of S = Φ_R Φ_Cᵀ, never the whole N×N matrix.
 
 Per frame the engine keeps only the extremes of its similarity distribution, the k most and the k least
 similar frames (paper Fig. 4b: only those are trusted). A row block of frames walks the database in
@@ -6,8 +6,8 @@ column tiles: one GEMM per tile, then a running top-k / bottom-k merged tile by 
 O(R·(k + col_block)) whatever N is. Blocks are independent (the Ray layer, ``stages/neighbours.py``,
 runs one task per row block); ``merge_extremes`` is the pure reduce should columns be sharded too.
 
-Local Temporal Pooling (Eq. 9, DESIGN §5) is a feature transform, ``ltp_stack``: the inner product of
-stacked temporal windows is the pooled similarity, so LTP goes through this same engine.
+Local Temporal Pooling (Eq. 9, docs/method.md#local-temporal-pooling) is a feature transform, ``ltp_stack``:
+the inner product of stacked temporal windows is the pooled similarity, so LTP goes through this same engine.
 
 Pure functions over numpy / torch arrays; no Ray here.
 """
@@ -293,7 +293,7 @@ def block_extremes(
         return Extremes(empty_i, empty_f, empty_i.copy(), empty_f.copy())
 
     gpu = isinstance(database, torch.Tensor) and database.device.type != "cpu"
-    dtype = torch.float16 if gpu else torch.float32  # DESIGN §4: half-precision GEMM on a GPU
+    dtype = torch.float16 if gpu else torch.float32  # half-precision GEMM on a GPU (docs/method.md#neighbours)
     db = _as_tensor(database, dtype)
     device = db.device
     q_all = _as_tensor(rows, dtype).to(device)
@@ -408,7 +408,8 @@ def table_to_extremes(table: pa.Table, source: str = "") -> tuple[np.ndarray, Ex
 
 
 def ltp_stack(features: np.ndarray, video_ids: np.ndarray, frame_index: np.ndarray, p: int) -> np.ndarray:
-    """Stack each frame's temporal window: Φ_k = [φ_{k−p}; …; φ_{k+p}] / √(2p+1) (DESIGN §5).
+    """Stack each frame's temporal window: Φ_k = [φ_{k−p}; …; φ_{k+p}] / √(2p+1)
+    (docs/method.md#local-temporal-pooling).
 
     Then Φ_kᵀΦ_l = 1/(2p+1) Σ_{n=−p..p} φ_{k+n}ᵀ φ_{l+n}, the pooled similarity s' of Eq. 9, and the
     ordinary engine computes it. Neighbours are the adjacent frames of the same video in ``frame_index``

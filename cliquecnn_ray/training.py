@@ -1,4 +1,4 @@
-"""Training the CNN on batches of cliques (paper Sect. 2.4, 3.1; DESIGN §8): sampler, augmentation, loss,
+"""Training the CNN on batches of cliques (paper Sect. 2.4, 3.1; docs/method.md#the-loss): sampler, augmentation, loss,
 step. Pure torch / numpy; no Ray, no torch.distributed calls (a DDP-wrapped model works unchanged).
 
 One SGD step: pick one batch x_b of r cliques at random, draw M images from the frames of those r

@@ -38,7 +38,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def frames_table(images: np.ndarray, video_ids=None, frame_index=None, category="all") -> pa.Table:
-    """A canonical frame table (DESIGN §2) holding PNG bytes of ``images`` (N, H, W[, 3])."""
+    """A canonical frame table (docs/data-contracts.md#frames) holding PNG bytes of ``images`` (N, H, W[, 3])."""
     n = len(images)
     video_ids = [f"v{i:05d}" for i in range(n)] if video_ids is None else list(video_ids)
     frame_index = np.zeros(n, dtype=np.int32) if frame_index is None else np.asarray(frame_index, np.int32)

@@ -298,7 +298,7 @@ def test_stage_end_to_end(ray_session, tmp_path):
     cc = CliquesConfig(neighbourhood=12, min_sim=0.3, target_size=5, min_size=3, max_per_video=4,
                        num_cliques=5, seeds_per_task=7, max_size=6)
     cfg = PipelineConfig(run=run, cliques=cc)
-    record = stage.run(cfg, round=0)
+    record = stage.run(cfg, round_index=0)
     assert not record["skipped"]
     table = StageDir(run, 0, "cliques").read_table()
     assert table.schema.equals(schema.CLIQUES)
@@ -329,7 +329,7 @@ def test_stage_end_to_end(ray_session, tmp_path):
     assert stats["rows"] == 10
     assert set(stats["categories"]["a_cat"]) >= {"cliques", "mean_size", "mean_compactness", "frames_covered",
                                                  "video_pure_fraction"}
-    assert stage.run(cfg, round=0)["skipped"]  # same config and inputs: nothing to do
+    assert stage.run(cfg, round_index=0)["skipped"]  # same config and inputs: nothing to do
 
 
 def test_stage_bad_inputs(ray_session, tmp_path):

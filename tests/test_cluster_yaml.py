@@ -1,4 +1,5 @@
-"""cluster.yaml is a valid Ray 2.60 AWS cluster config that `ray up` could bootstrap (DESIGN §10).
+"""cluster.yaml is a valid Ray 2.60 AWS cluster config that `ray up` could bootstrap
+(docs/architecture.md#running-on-a-cluster).
 
 These tests call Ray's private autoscaler helpers (`prepare_config`, `validate_config`,
 `_bootstrap_config`): they are what `ray up` runs before it launches anything, and no public API

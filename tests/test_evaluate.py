@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN §9): hand-checked cases, sklearn equivalence, sharded = one-shot, the stage."""
+"""Evaluation metrics (docs/evaluation.md): hand-checked cases, sklearn equivalence, sharded = one-shot, the stage."""
 from __future__ import annotations
 
 import dataclasses
@@ -260,7 +260,7 @@ def test_stage_class_labels(tmp_path, ray_session):
     storage.write_parquet(pa.table({"frame_id": pa.array(named[::-1], pa.int64()),
                                     "label": pa.array(labels[named][::-1])}), labels_uri)
     cfg = _cfg(run, labels_uri, queries_per_task=5, knn_k=3)
-    record = stage.run(cfg, round=0)
+    record = stage.run(cfg, round_index=0)
     expected = metrics.class_label_metrics(feats[named], labels[named], categories=cats[named], k=3)
     stats = record["stats"]
     for key in ("auc", "auc_mean_roc", "auc_mean_roc_all_queries", "knn", "map", "n_queries", "skipped_queries"):
@@ -272,7 +272,7 @@ def test_stage_class_labels(tmp_path, ray_session):
     assert len(result["curves"]["all"]["mean_tpr"]) == 101 and result["protocol"]["similarity"] == "pearson"
     for name in ("roc.png", "pr.png"):
         assert storage.read_bytes(out.file(name))[:8] == b"\x89PNG\r\n\x1a\n"
-    assert stage.run(cfg, round=0)["skipped"]  # same features, labels and config: committed output kept
+    assert stage.run(cfg, round_index=0)["skipped"]  # same features, labels and config: committed output kept
 
 
 def test_stage_ltp_and_one_category(tmp_path, ray_session):
@@ -283,7 +283,7 @@ def test_stage_ltp_and_one_category(tmp_path, ray_session):
     storage.write_parquet(pa.table({"frame_id": pa.array(np.arange(len(labels)), pa.int64()),
                                     "label": pa.array(labels)}), labels_uri)
     cfg = _cfg(run, labels_uri, category="cat_b")
-    stats = stage.run(cfg, round=0, ltp_p=1, out_stage="evaluate_ltp")["stats"]
+    stats = stage.run(cfg, round_index=0, ltp_p=1, out_stage="evaluate_ltp")["stats"]
     pooled = ltp_stack(metrics.pearson_normalise(feats), videos, index, 1)  # Pearson per frame, then Eq. 9
     b = cats == "cat_b"
     expected = metrics.class_label_metrics(pooled[b], labels[b], pearson=False)
@@ -303,7 +303,7 @@ def test_stage_candidate_lists(tmp_path, ray_session):
     storage.write_parquet(pa.table({"query_id": pa.array(queries, pa.int64()),
                                     "positive_ids": pa.array(positives, pa.list_(pa.int64())),
                                     "negative_ids": pa.array(negatives, pa.list_(pa.int64()))}), labels_uri)
-    stats = stage.run(_cfg(run, labels_uri, queries_per_task=1), round=0)["stats"]
+    stats = stage.run(_cfg(run, labels_uri, queries_per_task=1), round_index=0)["stats"]
     expected = metrics.candidate_label_metrics(feats, queries, [np.array(p) for p in positives],
                                          [np.array(n) for n in negatives], categories=cats[queries])
     assert stats["knn"] is None
@@ -320,5 +320,5 @@ def test_stage_names_unknown_frame_ids(tmp_path, ray_session):
     storage.write_parquet(pa.table({"frame_id": pa.array([0, 1, 777, 999], pa.int64()),
                                     "label": pa.array(["a", "b", "a", "b"])}), labels_uri)
     with pytest.raises(schema.SchemaError, match=r"frame_id.*2 frame id\(s\).*\[777, 999\]"):
-        stage.run(_cfg(run, labels_uri), round=0)
+        stage.run(_cfg(run, labels_uri), round_index=0)
     assert StageDir(run, 0, "evaluate").record() is None  # nothing committed

@@ -1,4 +1,4 @@
-"""Impute (paper Sect. 2.5–2.6, DESIGN §5): CNN features of every frame through Ray Data actors,
+"""Impute (paper Sect. 2.5–2.6, docs/method.md#re-imputation): CNN features of every frame through Ray Data actors,
 Pearson-normalised, Local Temporal Pooling, committed as the next round's features."""
 from __future__ import annotations
 

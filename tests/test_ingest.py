@@ -182,28 +182,22 @@ def _folder_with_bad_image(root):
         (root / "g" / f"f{i}.png").write_bytes(image(i) if i != 1 else b"\x89PNG\r\n\x1a\nnot really")
 
 
-def test_bad_image_errors_or_is_skipped_and_listed(tmp_path, ray_session):
+def test_bad_image_errors_or_is_skipped_and_listed(tmp_path, ray_session, caplog):
     _folder_with_bad_image(tmp_path / "imgs")
     cfg = cfg_for(str(tmp_path / "run"), [tmp_path / "imgs"])
     with pytest.raises(IngestError, match=r"cannot decode image .*imgs/g/f1\.png"):
         ingest_stage.run(cfg)
     assert StageDir(cfg.run, 0, "frames").record() is None
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("cliquecnn").addHandler(handler)
-    try:
+    with caplog.at_level(logging.WARNING, logger="cliquecnn_ray"):
         record = ingest_stage.run(cfg_for(cfg.run, cfg.sources, on_bad_frame="skip"))
-    finally:
-        logging.getLogger("cliquecnn").removeHandler(handler)
     skipped = record["stats"]["skipped_frames"]
     assert len(skipped) == 1
     assert skipped[0]["video_id"] == "g" and skipped[0]["frame_index"] == 1
     assert skipped[0]["file"].endswith("imgs/g/f1.png") and skipped[0]["source"] == str(tmp_path / "imgs")
     assert "undecodable" in skipped[0]["reason"]
     assert StageDir(cfg.run, 0, "frames").require()["stats"]["skipped_frames"] == skipped  # in _SUCCESS.json
-    assert any("skipped frame 1" in r.getMessage() and "f1.png" in r.getMessage() for r in records)
+    assert any("skipped frame 1" in r.getMessage() and "f1.png" in r.getMessage() for r in caplog.records)
     table = frames_of(cfg)
     assert table.column("frame_index").to_pylist() == [0, 2]  # the gap stays: position in natural order
     assert table.column("frame_id").to_pylist() == [0, 1]

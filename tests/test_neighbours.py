@@ -244,17 +244,8 @@ def stage_cfg(run: str, **neighbours) -> PipelineConfig:
     )
 
 
-class Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.mark.parametrize("cpus_per_task, row_block", [(2.0, 40), (1.0, 23)])  # 1 and 2 concurrent workers
-def test_stage_equals_exact_per_category(ray_session, tmp_path, cpus_per_task, row_block):
+def test_stage_equals_exact_per_category(ray_session, tmp_path, cpus_per_task, row_block, caplog):
     from cliquecnn_ray.stages import neighbours as stage
 
     feats, _ = synthetic.clustered_features(n_clusters=5, per_cluster=30, d=12, noise=0.5, seed=7)
@@ -262,16 +253,12 @@ def test_stage_equals_exact_per_category(ray_session, tmp_path, cpus_per_task, r
     run = str(tmp_path / "run")
     make_run(run, feats, cats)
     cfg = stage_cfg(run, k=8, row_block=row_block, col_block=32, tile_rows=16, cpus_per_task=cpus_per_task)
-    capture = Capture()
-    logging.getLogger("cliquecnn").addHandler(capture)
-    try:
-        record = stage.run(cfg, round=0)
-    finally:
-        logging.getLogger("cliquecnn").removeHandler(capture)
+    with caplog.at_level(logging.WARNING, logger="cliquecnn_ray"):
+        record = stage.run(cfg, round_index=0)
     assert not record["skipped"]
     assert record["stats"]["rows"] == 150 and record["stats"]["k"] == {"a": 8, "b": 8, "tiny": 2}
     assert record["stats"]["tasks"] == -(-90 // row_block) + -(-57 // row_block) + 1
-    assert any("'tiny'" in m and "k = 2" in m for m in capture.messages)
+    assert any("'tiny'" in m and "k = 2" in m for m in caplog.messages)
 
     table = rundir.StageDir(run, 0, "neighbours").read_table()
     assert table.schema.equals(schema.NEIGHBOURS)
@@ -284,7 +271,7 @@ def test_stage_equals_exact_per_category(ray_session, tmp_path, cpus_per_task, r
         got = similarity.Extremes(*(a[members][:, : ref.k] for a in ext))
         assert_same(got, ref)
         assert np.isin(got.nn_ids, members).all()  # never across categories
-    assert stage.run(cfg, round=0)["skipped"]  # same config and inputs: committed output kept
+    assert stage.run(cfg, round_index=0)["skipped"]  # same config and inputs: committed output kept
 
 
 def test_stage_across_categories(ray_session, tmp_path):
@@ -329,7 +316,7 @@ def test_stage_bad_inputs(ray_session, tmp_path):
         stage.run(stage_cfg(run, k=3))
     # No features committed for this round.
     with pytest.raises(rundir.StageNotCommitted):
-        stage.run(stage_cfg(run, k=3), round=1)
+        stage.run(stage_cfg(run, k=3), round_index=1)
     with pytest.raises(ValueError, match="k = 0"):
         stage.run(stage_cfg(run, k=0))
 

@@ -1,5 +1,5 @@
-"""Training (paper Sect. 2.4, 3.1; DESIGN §8): masked loss, sampler, augmentation, model, and the Ray Train
-stage (checkpoints, resume after an injected failure, next round from the previous weights, DDP)."""
+"""Training (paper Sect. 2.4, 3.1; docs/method.md#the-loss): masked loss, sampler, augmentation, model, and the Ray
+Train stage (checkpoints, resume after an injected failure, next round from the previous weights, DDP)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Stage ``batches`` of round r: batches of mutually distant cliques by CCCP (paper Sect. 2.3, DESIGN §7).
+"""Stage ``batches`` of round r: batches of mutually distant cliques by CCCP (paper Sect. 2.3, docs/method.md#cccp).
 
 Inputs: ``StageDir(run, r, "cliques")`` (the cliques table and S' per category, ``read_clique_similarity``) and
 ``StageDir(run, 0, "frames")`` (frame ids, checked against the cliques; images for the mosaic). The math is
@@ -36,7 +36,7 @@ from .. import figures, schema, storage
 from ..config import PipelineConfig, to_dict
 from ..rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 BATCHES_FILE = "batches.parquet"
 STATS_FILE = "stats.json"
@@ -125,9 +125,9 @@ def _restart_task(prob: cccp.Problem, seed: int, solver: str, iters: int, tol: f
     return cccp.solve_restart(prob, seed, solver, iters, tol, lambda3_start, threads=1)
 
 
-def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # noqa: A002 (stage API)
-    """Select the batches of round ``round`` and commit them (see the module docstring)."""
-    cliques_dir = StageDir(cfg.run, round, "cliques")
+def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
+    """Select the batches of round ``round_index`` and commit them (see the module docstring)."""
+    cliques_dir = StageDir(cfg.run, round_index, "cliques")
     frames_dir = StageDir(cfg.run, 0, "frames")
     inputs = {"cliques": cliques_dir.fingerprint(), "frames": frames_dir.fingerprint()}
     bc = cfg.batches
@@ -203,4 +203,4 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
                                     "total_coverage", "distinct_batches", "binary_fraction", "solver", "fallback")}
             for cat, s in per_category.items()})}
 
-    return run_stage(StageDir(cfg.run, round, "batches"), config, inputs, compute, force)
+    return run_stage(StageDir(cfg.run, round_index, "batches"), config, inputs, compute, force)

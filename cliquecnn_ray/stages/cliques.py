@@ -1,4 +1,5 @@
-"""Stage ``cliques`` of round r: compact cliques per category, their similarity S' (paper Sect. 2.2, DESIGN §6).
+"""Stage ``cliques`` of round r: compact cliques per category, their similarity S' (paper Sect. 2.2,
+docs/method.md#compact-cliques).
 
 Inputs: ``StageDir(run, r, "neighbours")`` (frame_id, nn_ids), ``StageDir(run, r, "features")`` (φ, L2-normalised)
 and ``StageDir(run, 0, "frames")`` (frame_id, video_id, category). The math is ``cliquecnn_ray.cliques``.
@@ -40,7 +41,7 @@ from .. import schema, storage
 from ..config import PipelineConfig, to_dict
 from ..rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 CLIQUES_FILE = "cliques.parquet"
 SIMILARITY_FILE = "clique_similarity.arrow"
@@ -264,11 +265,11 @@ def _finish_task(features, video, cliques_cfg, category, seed, *packed):
 # The stage
 
 
-def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # noqa: A002 (stage API)
-    """Compute the compact cliques of round ``round`` and commit them (see the module docstring)."""
+def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
+    """Compute the compact cliques of round ``round_index`` and commit them (see the module docstring)."""
     frames_dir = StageDir(cfg.run, 0, "frames")
-    feats_dir = StageDir(cfg.run, round, "features")
-    nb_dir = StageDir(cfg.run, round, "neighbours")
+    feats_dir = StageDir(cfg.run, round_index, "features")
+    nb_dir = StageDir(cfg.run, round_index, "neighbours")
     inputs = {
         "frames": frames_dir.fingerprint(),
         "features": feats_dir.fingerprint(),
@@ -281,7 +282,7 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
     def compute(attempt_uri: str) -> dict:
         import ray
 
-        data = load_inputs(cfg, round)
+        data = load_inputs(cfg, round_index)
         seed_task = ray.remote(num_cpus=cfg.resources.cpus_per_task)(_seed_task)
         finish_task = ray.remote(num_cpus=cfg.resources.cpus_per_task, num_returns=4)(_finish_task)
         categories = sorted(set(data["category"][data["frame_ids"]].tolist()))
@@ -339,4 +340,4 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # no
         storage.write_bytes(storage.join(attempt_uri, SIMILARITY_FILE), sink.getvalue().to_pybytes())
         return {"rows": table.num_rows, "categories": per_category}
 
-    return run_stage(StageDir(cfg.run, round, "cliques"), config, inputs, compute, force)
+    return run_stage(StageDir(cfg.run, round_index, "cliques"), config, inputs, compute, force)

@@ -1,8 +1,8 @@
-"""Evaluate stage (DESIGN §9): a round's features against the labels table, as Ray tasks.
+"""Evaluate stage (docs/evaluation.md): a round's features against the labels table, as Ray tasks.
 
 Reads the features of ``StageDir(run, round, features_stage)``, the frames table of round 0 (frame_id,
 video_id, frame_index, category) and the labels table ``cfg.evaluate.labels`` (never read by training), in
-either form of DESIGN §2:
+either form of docs/data-contracts.md#labels:
 - class labels (frame_id, label): every labelled frame is a query against the other labelled frames of
   its category (leave-one-out): per-query ROC AUC, AUC of the mean ROC, k-NN accuracy, mAP;
 - candidate lists (query_id, positive_ids, negative_ids): per-query AUC, AUC of the mean ROC (the Olympic
@@ -29,7 +29,7 @@ from ..metrics import format_metrics_table  # noqa: F401  (re-exported: the pipe
 from ..similarity import ltp_features
 from ..rundir import StageDir, run_stage, source_fingerprint
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 FRAME_COLUMNS = [schema.FRAME_ID, schema.VIDEO_ID, schema.FRAME_INDEX, schema.CATEGORY]
 IDS_SHOWN = 10  # unknown frame ids listed in an error
@@ -38,13 +38,13 @@ RERANKS = ("none", "diffusion")
 
 def run(
     cfg: PipelineConfig,
-    round: int = 0,  # noqa: A002 (stage signature)
+    round_index: int = 0,
     force: bool = False,
     features_stage: str = "features",
     out_stage: str = "evaluate",
     ltp_p: int = 0,
 ) -> dict:
-    """Evaluate ``StageDir(cfg.run, round, features_stage)`` and commit to ``StageDir(cfg.run, round,
+    """Evaluate ``StageDir(cfg.run, round_index, features_stage)`` and commit to ``StageDir(cfg.run, round_index,
     out_stage)``; ``ltp_p`` > 0 pools ±ltp_p frames first (Eq. 9). Returns run_stage's record."""
     ecfg = cfg.evaluate
     if not ecfg.labels:
@@ -52,7 +52,7 @@ def run(
     if ltp_p < 0:
         raise ValueError(f"evaluate: ltp_p must be ≥ 0, got {ltp_p}")
     _check_rerank(cfg, features_stage)
-    features = StageDir(cfg.run, round, features_stage)
+    features = StageDir(cfg.run, round_index, features_stage)
     frames = StageDir(cfg.run, 0, "frames")
     inputs = {
         "features": features.fingerprint(),
@@ -88,7 +88,7 @@ def run(
         stats["rows"] = result["n_queries"] + result["skipped_queries"]
         return stats
 
-    return run_stage(StageDir(cfg.run, round, out_stage), config, inputs, compute, force=force)
+    return run_stage(StageDir(cfg.run, round_index, out_stage), config, inputs, compute, force=force)
 
 
 def _check_rerank(cfg: PipelineConfig, features_stage: str) -> None:
@@ -327,9 +327,9 @@ def plot_curves(result: dict[str, Any], title: str = "") -> tuple[bytes, bytes]:
     return pngs[0], pngs[1]
 
 
-def read_metrics(cfg: PipelineConfig, round: int = 0, out_stage: str = "evaluate") -> Optional[dict]:  # noqa: A002
+def read_metrics(cfg: PipelineConfig, round_index: int = 0, out_stage: str = "evaluate") -> Optional[dict]:
     """The committed metrics.json of an evaluation (with curves), or None when not committed."""
-    out = StageDir(cfg.run, round, out_stage)
+    out = StageDir(cfg.run, round_index, out_stage)
     if out.record() is None:
         return None
     return storage.read_json(out.file("metrics.json"))

@@ -1,10 +1,10 @@
-"""Features stage (DESIGN §3): frames → per-frame similarity features, with Ray Data.
+"""Features stage (docs/method.md#hog-lda): frames → per-frame similarity features, with Ray Data.
 
 Pass 1 (``map_batches``): decode, crop to bbox, resize, describe (HOG or raw pixels).
 For ``hog_lda``: pass 2 reduces the whitening statistics over shards (partial Σx, Σxxᵀ, n per
 ``stats_batch_size`` frames, summed on the driver), the driver computes (μ, W), and pass 3 whitens.
 The last pass writes each batch's features itself as a plain ``fixed_size_list<float32>[d]`` Parquet file
-(``schema.features_to_table``), so any Parquet reader reads the output (DESIGN §2).
+(``schema.features_to_table``), so any Parquet reader reads the output (docs/data-contracts.md#features).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .. import raysetup, schema, storage
 from ..config import FeaturesConfig, PipelineConfig
 from ..rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 DESCRIPTOR = "descriptor"  # the intermediate column of pass 1 (HOG or centred pixels)
 BLANK_IDS_SHOWN = 10  # blank frames listed by id in the stage stats
@@ -31,12 +31,12 @@ BLANK_IDS_SHOWN = 10  # blank frames listed by id in the stage stats
 
 def run(
     cfg: PipelineConfig,
-    round: int = 0,
+    round_index: int = 0,
     force: bool = False,
     kind: Optional[str] = None,
     stage: str = "features",
 ) -> dict:
-    """Compute the features of every committed frame and commit them to StageDir(cfg.run, round, stage).
+    """Compute the features of every committed frame and commit them to StageDir(cfg.run, round_index, stage).
 
     ``kind`` overrides ``cfg.features.kind`` ("hog_lda", "hog", "raw"); the committed config is the
     FeaturesConfig with that kind, so outputs of different kinds never skip one another.
@@ -47,7 +47,7 @@ def run(
     if fcfg.kind not in hog.KINDS:
         raise ValueError(f"features.kind = {fcfg.kind!r}: unknown (known: {', '.join(hog.KINDS)})")
     frames = StageDir(cfg.run, 0, "frames")
-    out = StageDir(cfg.run, round, stage)
+    out = StageDir(cfg.run, round_index, stage)
     inputs = {"frames": frames.fingerprint()}
 
     def compute(attempt_uri: str) -> dict:

@@ -1,5 +1,5 @@
-"""Impute stage (paper Sect. 2.5–2.6, DESIGN §5): the trained CNN's features of every frame, Pearson-
-normalised, then Local Temporal Pooling, committed as the next round's similarity features.
+"""Impute stage (paper Sect. 2.5–2.6, docs/method.md#re-imputation): the trained CNN's features of every
+frame, Pearson-normalised, then Local Temporal Pooling, committed as the next round's similarity features.
 
 CNN features come from Ray Data ``map_batches`` with a class (``FeatureExtractor``) that loads model.pt once
 per actor; actors get a GPU each when ``resources.gpus_for_impute``. LTP (Eq. 9) runs on the driver over
@@ -27,7 +27,7 @@ from ..similarity import ltp_stack
 from ..rundir import StageDir, run_stage
 from .train import MODEL_FILE, absolute_uri, decode_frames, read_frames
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 ROWS_PER_FILE = 65536  # output rows per Parquet file (whole videos): bounds the driver's LTP memory
 
@@ -64,14 +64,14 @@ class FeatureExtractor:
 
 def run(
     cfg: PipelineConfig,
-    round: int = 0,  # noqa: A002 (stage signature)
+    round_index: int = 0,
     force: bool = False,
     model_stage: str = "model",
     out_stage: str = "features",
     ltp_p: Optional[int] = None,
     model_run: Optional[str] = None,
 ) -> dict:
-    """Features of every frame from round ``round``'s model, LTP with p = ``impute.ltp_p``, committed to
+    """Features of every frame from round ``round_index``'s model, LTP with p = ``impute.ltp_p``, committed to
     StageDir(run, round + 1, "features"). Baselines name another model / output stage or another p;
     ``cliquecnn embed`` names another run's model (``model_run``) for the frames of ``cfg.run``.
 
@@ -80,9 +80,9 @@ def run(
     """
     if ltp_p is not None:
         cfg = dataclasses.replace(cfg, impute=dataclasses.replace(cfg.impute, ltp_p=ltp_p))
-    model_dir = StageDir(model_run or cfg.run, round, model_stage)
+    model_dir = StageDir(model_run or cfg.run, round_index, model_stage)
     frames_dir = StageDir(cfg.run, 0, "frames")
-    out = StageDir(cfg.run, round + 1, out_stage)
+    out = StageDir(cfg.run, round_index + 1, out_stage)
     inputs = {"model": model_dir.fingerprint(), "frames": frames_dir.fingerprint()}
     stage_config = {"impute": to_dict(cfg.impute), "gpu": cfg.resources.gpus_for_impute}
 

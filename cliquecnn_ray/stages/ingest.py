@@ -1,4 +1,5 @@
-"""Ingest stage: ``cfg.sources`` → the canonical frame table ``StageDir(run, 0, "frames")`` (DESIGN §1–2).
+"""Ingest stage: ``cfg.sources`` → the canonical frame table ``StageDir(run, 0, "frames")``
+(docs/data-contracts.md#frames).
 
 Two Ray Data passes over small JSON work descriptors, so image bytes never pass through the driver:
 
@@ -19,7 +20,7 @@ from ..config import PipelineConfig, to_dict
 from ..frame_sources import IngestError
 from ..rundir import StageDir
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 
 def _fan_out(fn, items: list[dict], num_cpus: float) -> list[dict]:
@@ -96,15 +97,15 @@ def _ingest(units: list[dict], cfg: PipelineConfig, attempt_uri: str) -> dict:
     }
 
 
-def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # noqa: A002 (stage signature)
+def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
     """Ingest ``cfg.sources`` into ``StageDir(cfg.run, 0, "frames")``; returns run_stage's record.
 
     Stats: rows, videos, categories {name: rows}, skipped_frames [{source, file, video_id, frame_index,
     reason}], parts, sources [{source, kind, units, rows}]. Sources are checked (exist, reachable, not
     empty) before anything runs; a failure leaves any earlier committed frames intact.
     """
-    if round != 0:
-        raise ValueError(f"ingest writes the frames of round 0 only, not round {round}")
+    if round_index != 0:
+        raise ValueError(f"ingest writes the frames of round 0 only, not round {round_index}")
     frame_sources.check_config(cfg.ingest)
     units = frame_sources.plan_sources(cfg.sources, cfg.ingest)
     inputs = {source: rundir.source_fingerprint(frame_sources.absolute_uri(source)) for source in cfg.sources}

@@ -1,4 +1,4 @@
-"""Neighbours stage (DESIGN §4): the k most and least similar frames of every frame, per category.
+"""Neighbours stage (docs/method.md#neighbours): the k most and least similar frames of every frame, per category.
 
 Reads the round's features and the frames' categories; per category, Φ goes into the object store once
 and row blocks of ``similarity.row_block`` frames are Ray tasks running the pure block function
@@ -20,7 +20,7 @@ from .. import raysetup, schema, similarity, storage
 from ..config import PipelineConfig
 from ..rundir import StageDir, run_stage
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3  # a task whose worker dies (node loss) is rerun elsewhere; blocks are pure, so reruns agree
 ALL = "*"  # the single group when similarity.across_categories is set
@@ -86,17 +86,17 @@ def _categories(frames_ids: np.ndarray, frames_cats: np.ndarray, ids: np.ndarray
     return frames_cats[order][at]
 
 
-def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:
-    """Compute and commit StageDir(cfg.run, round, "neighbours"); returns run_stage's record."""
+def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
+    """Compute and commit StageDir(cfg.run, round_index, "neighbours"); returns run_stage's record."""
     ncfg = cfg.neighbours
     if ncfg.k < 1 or ncfg.row_block < 1 or ncfg.col_block < 1 or ncfg.tile_rows < 1:
         raise ValueError(
             f"neighbours config: k = {ncfg.k}, row_block = {ncfg.row_block}, col_block = {ncfg.col_block}, "
             f"tile_rows = {ncfg.tile_rows} must all be ≥ 1"
         )
-    features_dir = StageDir(cfg.run, round, "features")
+    features_dir = StageDir(cfg.run, round_index, "features")
     frames_dir = StageDir(cfg.run, 0, "frames")
-    out = StageDir(cfg.run, round, "neighbours")
+    out = StageDir(cfg.run, round_index, "neighbours")
     inputs = {"features": features_dir.fingerprint(), "frames": frames_dir.fingerprint()}
 
     def compute(attempt_uri: str) -> dict:

@@ -15,7 +15,7 @@ from ..config import PipelineConfig
 from ..similarity import similarity_tile
 from ..rundir import StageDir
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 NEIGHBOURS_SHOWN = 50  # paper Fig. 2 averages the 50 nearest neighbours
 QUERIES_SHOWN = 4
@@ -42,7 +42,7 @@ def _metrics_rows(cfg: PipelineConfig) -> dict[str, dict]:
     return rows
 
 
-def run(cfg: PipelineConfig, round: int = 0, force: bool = False) -> dict:  # noqa: A002 (stage signature)
+def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
     started = time.time()
     out = storage.join(cfg.run, "report")
     sections: list[tuple[str, str]] = []

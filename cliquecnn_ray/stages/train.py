@@ -1,4 +1,4 @@
-"""Train stage (DESIGN §8): Ray Train ``TorchTrainer`` over the batches of cliques of one round.
+"""Train stage (docs/method.md#the-loss): Ray Train ``TorchTrainer`` over the batches of cliques of one round.
 
 Three layers, as in Ray Train's examples: the pure step (``cliquecnn_ray.train``) → ``train_func``, the
 per-worker glue (load data, ``prepare_model`` for DDP, checkpoints through ``ray.train.report``, resume
@@ -13,7 +13,6 @@ Labels are never read here.
 """
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import hashlib
 import json
@@ -37,7 +36,7 @@ from ..rundir import StageDir, run_stage
 from ..training import (AugmentParams, CliqueBatchSampler, HeadWarmup, derive_seed, head_param_groups, log_windows,
                      make_optimizer, run_steps)
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "state.pt"
@@ -177,7 +176,7 @@ def augment_params(cfg: PipelineConfig) -> Optional[AugmentParams]:
 
 
 def train_func(config: dict) -> dict:
-    """One Ray Train worker. ``config``: {"cfg": PipelineConfig, "round": r, "init_model": URI of the
+    """One Ray Train worker. ``config``: {"cfg": PipelineConfig, "round_index": r, "init_model": URI of the
     previous round's model.pt or None, "marker": URI marking that the injected failure happened}.
 
     Returns (rank 0's value becomes ``Result.return_value``) the training statistics.
@@ -186,7 +185,7 @@ def train_func(config: dict) -> dict:
     import ray.train.torch
 
     cfg: PipelineConfig = config["cfg"]
-    round_: int = config["round"]
+    round_: int = config["round_index"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -305,8 +304,8 @@ def _train_storage(out: StageDir, name: str) -> tuple[str, Optional[object], str
     return storage.resolve(root)[1], None, storage.join(root, name)
 
 
-def run(cfg: PipelineConfig, round: int = 0, force: bool = False, variant: str = "") -> dict:  # noqa: A002
-    """Train the CNN of round ``round`` and commit ``model.pt`` (state_dict + model config).
+def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant: str = "") -> dict:
+    """Train the CNN of round ``round_index`` and commit ``model.pt`` (state_dict + model config).
 
     ``variant`` names another set of training classes (e.g. "_nncnn" reads cliques_nncnn / batches_nncnn and
     writes model_nncnn, for baselines); a variant never starts from an earlier round's weights.
@@ -321,19 +320,19 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False, variant: str =
 
     # Workers do not share the driver's working directory: give them an absolute run path.
     cfg = dataclasses.replace(cfg, run=absolute_uri(cfg.run))
-    out = StageDir(cfg.run, round, "model" + variant)
+    out = StageDir(cfg.run, round_index, "model" + variant)
     inputs = {
         "frames": StageDir(cfg.run, 0, "frames").fingerprint(),
-        "cliques": StageDir(cfg.run, round, "cliques" + variant).fingerprint(),
-        "batches": StageDir(cfg.run, round, "batches" + variant).fingerprint(),
+        "cliques": StageDir(cfg.run, round_index, "cliques" + variant).fingerprint(),
+        "batches": StageDir(cfg.run, round_index, "batches" + variant).fingerprint(),
     }
     init_model = None
-    if round > 0 and not variant:
-        previous = StageDir(cfg.run, round - 1, "model")
+    if round_index > 0 and not variant:
+        previous = StageDir(cfg.run, round_index - 1, "model")
         inputs["previous_model"] = previous.fingerprint()
         init_model = previous.file(MODEL_FILE)
     # This round's step count, not the whole list: changing a later round's steps keeps this round's model.
-    train_settings = {**to_dict(cfg.train), "steps": round_steps(cfg, round)}
+    train_settings = {**to_dict(cfg.train), "steps": round_steps(cfg, round_index)}
     train_settings.pop("round_steps")
     stage_config = {"train": train_settings, "gpu": cfg.resources.gpus_for_training, "seed": cfg.seed}
     name = "train-" + hashlib.sha256(
@@ -348,7 +347,7 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False, variant: str =
         started = time.time()
         trainer = TorchTrainer(
             train_func,
-            train_loop_config={"cfg": cfg, "round": round, "init_model": init_model, "variant": variant,
+            train_loop_config={"cfg": cfg, "round_index": round_index, "init_model": init_model, "variant": variant,
                                "marker": storage.join(train_uri, "_injected_failure.json")},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.train.num_workers,
@@ -370,15 +369,15 @@ def run(cfg: PipelineConfig, round: int = 0, force: bool = False, variant: str =
             raise RuntimeError(f"{out}: training finished without a checkpoint ({train_uri})")
         with result.checkpoint.as_directory() as ckpt_dir:
             state = torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        if state["step"] != round_steps(cfg, round):
-            raise RuntimeError(f"{out}: last checkpoint is at step {state['step']}, expected {round_steps(cfg, round)}")
+        if state["step"] != round_steps(cfg, round_index):
+            raise RuntimeError(f"{out}: last checkpoint is at step {state['step']}, expected {round_steps(cfg, round_index)}")
         stats = dict(result.return_value or {})
-        clique_ids = _clique_ids(cfg, round, variant)
+        clique_ids = _clique_ids(cfg, round_index, variant)
         meta = model_meta(cfg, len(clique_ids), clique_ids)
         model = build_model(meta["name"], meta["num_classes"], meta["input_size"], meta["in_channels"])
         model.load_state_dict(state["model"])
         storage.write_bytes(storage.join(attempt_uri, MODEL_FILE), save_model_bytes(model, meta))
-        stats.update({"rows": meta["num_classes"], "fit_seconds": builtins.round(time.time() - started, 3),
+        stats.update({"rows": meta["num_classes"], "fit_seconds": round(time.time() - started, 3),
                       "checkpoint_dir": train_uri})
         if stats.get("final_loss") is None:
             stats["final_loss"] = float(np.mean(state["history"][-max(1, cfg.train.log_every):]))
