@@ -145,7 +145,7 @@ class DiffusionConfig:
     alpha: float = 0.9  # α of (I − αS)f = y; overridden by benchmarks/diffusion.py's validation choice
     k: int = 20  # graph neighbours per frame and the query's seeds; ≤ neighbours.k (the table it reads)
     gamma: float = 3.0  # affinities and the query's signal raised to γ = 3, as the paper
-    truncate: int = 1000  # initial results diffused per query: the paper's truncation keeps it m², not N
+    truncate: int = 10000  # initial results diffused per query (paper's truncation): more of the manifold, still not N
 
 
 @dataclass(frozen=True)

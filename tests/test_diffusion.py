@@ -198,5 +198,9 @@ def test_evaluate_stage_with_diffusion(tmp_path, ray_session):
     plain = metrics.summarise(metrics.class_partial(feats[items], codes, k=cfg.evaluate.knn_k))
     assert stats["map"] == pytest.approx(expected["map"]) and stats["auc"] == pytest.approx(expected["auc"])
     assert stats["map"] > plain["map"]
+    none = evaluate.run(dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, rerank="none")), 0,
+                        out_stage="evaluate_plain")
+    assert none["stats"]["map"] == pytest.approx(plain["map"])
+    assert "diffusion" not in none["config"]["evaluate"]  # its settings do not change a plain evaluation
     with pytest.raises(ValueError, match="exceeds neighbours.k"):
         evaluate.run(dataclasses.replace(cfg, neighbours=dataclasses.replace(cfg.neighbours, k=3)), 0)

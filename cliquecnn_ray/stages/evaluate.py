@@ -61,8 +61,11 @@ def run(
     }
     if ecfg.rerank == "diffusion":
         # The graph is the round's neighbours table (for the last round: `cliquecnn neighbours --round R`).
-        inputs["neighbours"] = StageDir(cfg.run, round, "neighbours").fingerprint()
-    config = {"evaluate": to_dict(ecfg), "features_stage": features_stage, "ltp_p": ltp_p}
+        inputs["neighbours"] = StageDir(cfg.run, round_index, "neighbours").fingerprint()
+    evaluate_config = to_dict(ecfg)
+    if ecfg.rerank != "diffusion":
+        del evaluate_config["diffusion"]  # its settings change nothing then: committed evaluations stay valid
+    config = {"evaluate": evaluate_config, "features_stage": features_stage, "ltp_p": ltp_p}
 
     def compute(attempt_uri: str) -> dict:
         result = evaluate_run(cfg, features, frames, ltp_p)
