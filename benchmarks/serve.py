@@ -10,7 +10,8 @@ queries. The approximate indexes' recall@10 is measured against exact search on 
 ``diffusion_map_gain`` comes from benchmarks/diffusion.py's ``measure_diffusion_gain`` (its stages are
 committed in the run, so this reads them back unless they were never run).
 
-    .venv/bin/python benchmarks/serve.py RUN        # e.g. /work/runs/fashion_mnist
+    .venv/bin/python benchmarks/serve.py RUN        # e.g. runs/fashion_mnist, a finished run
+    .venv/bin/python benchmarks/serve.py RUN --no-diffusion   # any servable run: diffusion_map_gain left null
 
 Writes benchmarks/results/serve.json and prints a table.
 """
@@ -123,9 +124,10 @@ def frame_images(run: str, frame_ids: np.ndarray) -> list[bytes]:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
+    args = [a for a in sys.argv[1:] if a != "--no-diffusion"]
+    if len(args) != 1:
         sys.exit(__doc__)
-    run = sys.argv[1]
+    run = args[0]
     raysetup.setup_logging()
     load_average = os.getloadavg()[0]
     round_index = search.servable_round(run)
@@ -164,9 +166,11 @@ def main() -> None:
         serve.delete(service.APP_NAME)
     serve.shutdown()
 
-    from diffusion import measure_diffusion_gain
+    gain = None
+    if "--no-diffusion" not in sys.argv:
+        from diffusion import measure_diffusion_gain
 
-    gain = measure_diffusion_gain(run)["diffusion_map_gain"]
+        gain = measure_diffusion_gain(run)["diffusion_map_gain"]
 
     def at(shards: int, concurrency: int) -> dict:
         return next(s for s in settings if s["shards"] == shards and s["concurrency"] == concurrency)

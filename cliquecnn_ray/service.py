@@ -28,7 +28,7 @@ from .config import ConfigError, PipelineConfig, to_dict
 from .frame_sources import absolute_uri
 from .search import QueryError
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 APP_NAME = "cliquecnn"
 STRIP_FRAMES = 24  # frames of the query's video shown around it

@@ -19,7 +19,7 @@ from ..config import ImputeConfig, PipelineConfig
 from ..rundir import StageDir
 from . import impute, ingest
 
-log = logging.getLogger("cliquecnn")
+log = logging.getLogger(__name__)
 
 # Ingest settings that change the pixels a frame is made of: always the run's.
 PREPROCESSING = ("frame_stride", "max_frames", "resize_to", "image_format")
