@@ -182,8 +182,12 @@ class SearchApi:
     @api.post("/api/search")
     async def search_image(self, request: Request, k: int | None = None, rerank: str = "none") -> dict:
         k = self._query(k, rerank)
+        limit = int(self.settings["max_upload_mb"] * 2**20)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refused before the body is read into memory
+            raise QueryError(413, f"the upload has {declared} bytes; at most {limit} are accepted")
         data = await request.body()
-        search.check_image(data, int(self.settings["max_upload_mb"] * 2**20))
+        search.check_image(data, limit)
         vector = await self.embedder.remote(data)
         results = await self._nearest(vector, k, rerank)
         return {"query": {"upload": True, "bytes": len(data)}, "k": k, "rerank": rerank, "results": results}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from synthetic import servable_run, video_source
+from synthetic import video_source
 
 from cliquecnn_ray import cli, schema
 from cliquecnn_ray.rundir import StageDir, StageNotCommitted
@@ -18,10 +18,8 @@ def _features_by_key(run: str, round_index: int) -> dict:
     return dict(zip(keys, feats))
 
 
-def test_embed_gives_the_runs_own_features_for_frames_it_imputed(ray_session, tmp_path):
-    known = video_source(str(tmp_path / "known.parquet"))
-    run = str(tmp_path / "run")
-    servable_run(run, known)
+def test_embed_gives_the_runs_own_features_for_frames_it_imputed(searchable_run, tmp_path):
+    run, _, known = searchable_run
     new = video_source(str(tmp_path / "new.parquet"), videos=2, seed=7)
     out = str(tmp_path / "embedded")
 

@@ -2,6 +2,7 @@
 real headless Chromium. One application for the whole module (two index shards), on a free 127.0.0.1 port."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -12,10 +13,11 @@ import urllib.request
 
 import numpy as np
 import pytest
-from synthetic import png_bytes, servable_run, video_source
+from synthetic import png_bytes
 
 from cliquecnn_ray import cli, schema, search, storage
 from cliquecnn_ray.ann import build_index
+from cliquecnn_ray.config import ServeConfig
 from cliquecnn_ray.rundir import StageDir, StageNotCommitted
 
 MAX_K = 30
@@ -46,16 +48,15 @@ class Client:
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, tmp_path_factory):
+def served(searchable_run):
     """(client, run, cfg): round 1 of a tiny run served with two shards."""
     from ray import serve
 
     from cliquecnn_ray import service
 
-    root = tmp_path_factory.mktemp("served")
-    run = str(root / "run")
-    cfg = servable_run(run, video_source(str(root / "clips.parquet")), "serve.shards=2", "serve.cpus_per_replica=0",
-                       f"serve.port={_free_port()}", f"serve.max_k={MAX_K}", "serve.thumbnail_size=40")
+    run, cfg, _ = searchable_run
+    cfg = dataclasses.replace(cfg, serve=ServeConfig(shards=2, cpus_per_replica=0, port=_free_port(), max_k=MAX_K,
+                                                     thumbnail_size=40, max_upload_mb=0.5))
     url = service.start(cfg, run)
     yield Client(url), run, cfg
     serve.shutdown()
@@ -145,9 +146,11 @@ def test_diffusion_reranks_the_exact_answer_on_the_rounds_graph(served):
 
 
 def test_bad_requests_are_refused_with_a_reason(served):
-    client, _, _ = served
+    client, _, cfg = served
     assert "not an image" in client.json("/api/search", body=b"%PDF-1.4 not a picture", status=400)["detail"]
     assert "empty" in client.json("/api/search", body=b"", status=400)["detail"]
+    too_big = png_bytes(np.zeros((8, 8), np.uint8)) + bytes(int(cfg.serve.max_upload_mb * 2**20))
+    assert "at most" in client.json("/api/search", body=too_big, status=413)["detail"]
     assert "not a frame of this run" in client.json("/api/frames/24/similar", status=404)["detail"]
     client.json("/api/frames/-1/similar", status=404)
     client.json("/api/frames/999999/image", status=404)
