@@ -63,7 +63,8 @@ def hog_lda(images: np.ndarray, fcfg) -> tuple[np.ndarray, np.ndarray, float, fl
     t0 = time.perf_counter()
     descriptors = hog.hog_batch(images, fcfg.hog_orientations, fcfg.hog_cell, fcfg.hog_block)
     t1 = time.perf_counter()
-    stats = hog.reduce_stats([hog.whitening_stats(descriptors[s : s + SHARD]) for s in range(0, len(descriptors), SHARD)])
+    shards = range(0, len(descriptors), SHARD)
+    stats = hog.reduce_stats([hog.whitening_stats(descriptors[s : s + SHARD]) for s in shards])
     mu, w = hog.whitening_transform(stats, fcfg.lda_lambda)
     feats = hog.whiten(descriptors, mu, w)
     t2 = time.perf_counter()
@@ -104,7 +105,8 @@ def main(argv=None) -> dict:
 
     n_ref = min(args.ref, n)
     t = time.perf_counter()
-    ref = np.stack([hog.hog_reference(im, fcfg.hog_orientations, fcfg.hog_cell, fcfg.hog_block) for im in images[:n_ref]])
+    ref = np.stack([hog.hog_reference(im, fcfg.hog_orientations, fcfg.hog_cell, fcfg.hog_block)
+                    for im in images[:n_ref]])
     ref_seconds = time.perf_counter() - t
     skimage_seconds = ref_seconds * n / n_ref
     max_diff = float(np.abs(ref - hog[:n_ref]).max())

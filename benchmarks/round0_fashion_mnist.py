@@ -21,8 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cliquecnn_ray import metrics  # noqa: E402
-from cliquecnn_ray import hog  # noqa: E402
+from cliquecnn_ray import hog, metrics  # noqa: E402
 from cliquecnn_ray.config import load_config  # noqa: E402
 from cliquecnn_ray.datasets import load_fashion_mnist  # noqa: E402
 

@@ -6,7 +6,8 @@ request when the previous one is answered, a bounded number of requests per sett
 and p50 / p99 latency of frame-id queries (``GET /api/frames/{id}/similar?k=10``) and of image queries
 (``POST /api/search?k=10`` with frames' own images) at concurrency 1, 8 and 32. The service overhead is the
 Serve p50 of frame queries at concurrency 1 (one shard) minus the in-process exact search's p50, measured
-just before it (on a shared machine the load changes from minute to minute). The approximate indexes' recall@10 is measured against exact search on 1,000 frames' queries.
+just before it (on a shared machine the load changes from minute to minute). The approximate indexes'
+recall@10 is measured against exact search on 1,000 frames' queries.
 ``diffusion_map_gain`` comes from benchmarks/diffusion.py's ``measure_diffusion_gain`` (its stages are
 committed in the run, so this reads them back unless they were never run).
 
@@ -35,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cliquecnn_ray import raysetup, schema, search
-from cliquecnn_ray.ann import build_index, recall_at_k
-from cliquecnn_ray.config import load_config
+from cliquecnn_ray import raysetup, schema, search  # noqa: E402
+from cliquecnn_ray.ann import build_index, recall_at_k  # noqa: E402
+from cliquecnn_ray.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
 CONCURRENCY = (1, 8, 32)

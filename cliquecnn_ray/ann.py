@@ -21,7 +21,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 KINDS = ("exact", "ivf", "hnsw")
-QUERY_BLOCK = 1024  # exact search: queries per block, so scores take block · N floats at a time
+BLOCK_BYTES = 64 * 2**20  # exact search: a block of queries' scores (block · N floats) stays this small
 IVF_POINTS_PER_CELL = 256  # ≈ √N cells on a million frames; k-means wants ≥ 39 training points per cell
 IVF_NPROBE = 32  # cells searched per query
 HNSW_M = 32  # graph degree: 32 keeps recall@10 high on d of a few hundred
@@ -62,7 +62,7 @@ def _padded(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 
 class ExactIndex:
-    """Brute-force inner product over (n, d) float32 features, blocks of ``QUERY_BLOCK`` queries."""
+    """Brute-force inner product over (n, d) float32 features, in blocks of queries of ``BLOCK_BYTES`` scores."""
 
     kind = "exact"
 
@@ -78,8 +78,9 @@ class ExactIndex:
         top = min(int(k), len(self))
         scores = np.empty((len(queries), top), dtype=np.float32)
         rows = np.empty((len(queries), top), dtype=np.int64)
-        for lo in range(0, len(queries), QUERY_BLOCK):
-            block = queries[lo : lo + QUERY_BLOCK] @ self.features.T
+        step = max(1, BLOCK_BYTES // (4 * len(self)))
+        for lo in range(0, len(queries), step):
+            block = queries[lo : lo + step] @ self.features.T
             part = np.argpartition(-block, top - 1, axis=1)[:, :top]
             part_scores = np.take_along_axis(block, part, 1)
             # Descending score, ties by row: the same order whatever the block size.

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from . import schema, storage
 from .config import PipelineConfig
+from .lease import hold
 from .pipeline import prepare_labels, resolve_builtin_data, stage_runner
 from .rundir import StageDir, run_stage
 
@@ -132,8 +133,8 @@ def _commit_random_model(cfg: PipelineConfig, force: bool) -> None:
     """A network with its random initial weights (same seed as round 0's), as a committed model."""
     import torch
 
-    from .network import build_model, save_model_bytes
-    from .stages.train import MODEL_FILE, model_meta
+    from .model_file import MODEL_FILE, model_meta, save_model_bytes
+    from .network import build_model
 
     def compute(attempt_uri: str) -> dict:
         torch.manual_seed(cfg.seed)
@@ -152,14 +153,20 @@ def _has_videos(cfg: PipelineConfig) -> bool:
     return len(set(vids.to_pylist())) < len(vids)
 
 
-def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
-    """Run (or resume) every baseline and the method's rounds' evaluations; returns {name: metrics}."""
-    from .stages.train import total_steps
+def run(cfg: PipelineConfig, force: bool = False, break_lock: bool = False) -> dict[str, dict]:
+    """Run (or resume) every baseline and the method's rounds' evaluations, holding the run's lease;
+    returns {name: metrics}."""
+    with hold(cfg.run, break_lock=break_lock):
+        return _run(cfg, force)
+
+
+def _run(cfg: PipelineConfig, force: bool) -> dict[str, dict]:
+    from .training import total_steps
 
     cfg = resolve_builtin_data(cfg)
     evaluate, features, impute = stage_runner("evaluate"), stage_runner("features"), stage_runner("impute")
     stage_runner("ingest")(cfg, round_index=0, force=force)
-    cfg = prepare_labels(cfg)
+    cfg = prepare_labels(cfg, force)
     if not cfg.evaluate.labels:
         raise ValueError("baselines need labels: set evaluate.labels (a labels table) in the config")
     videos = _has_videos(cfg)
@@ -201,3 +208,29 @@ def run(cfg: PipelineConfig, force: bool = False) -> dict[str, dict]:
 
     storage.write_json(storage.join(cfg.run, "baselines.json"), results)
     return results
+
+
+def random_batches_of_cliques(cfg: PipelineConfig, force: bool = False) -> dict:
+    """Ablation: round 0's own cliques in random batches of r (no CCCP), trained one round with the method's
+    loss, sampling and budget; features with the method's LTP. What CCCP's batch selection adds is the
+    method's round-1 figure minus this one. Returns the evaluation record's stats."""
+    from .training import round_steps
+
+    cfg = prepare_labels(resolve_builtin_data(cfg))
+    cliques = StageDir(cfg.run, 0, "cliques")
+    table = cliques.read_table(columns=[schema.CLIQUE_ID, schema.CATEGORY, schema.FRAME_IDS, schema.COMPACTNESS])
+    ids, cats = table.column(schema.CLIQUE_ID).to_numpy(), np.asarray(table.column(schema.CATEGORY).to_pylist())
+    drawn = random_batches({c: ids[cats == c] for c in sorted(set(cats.tolist()))}, cfg.batches.num_batches,
+                           cfg.batches.cliques_per_batch, cfg.seed)
+    inputs = {"cliques": cliques.fingerprint()}
+    settings = {"batches": cfg.batches.num_batches, "r": cfg.batches.cliques_per_batch, "seed": cfg.seed}
+    for name, tbl in (("cliques_randombatches", table), ("batches_randombatches", _batches_table(drawn))):
+        run_stage(StageDir(cfg.run, 0, name), settings, inputs, lambda attempt, tbl=tbl: _write(tbl, attempt),
+                  force=force)
+    one_round = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=round_steps(cfg, 0),
+                                                                   round_steps=()))
+    stage_runner("train")(one_round, 0, force=force, variant="_randombatches")
+    stage_runner("impute")(cfg, 0, force=force, model_stage="model_randombatches", out_stage="features_randombatches")
+    record = stage_runner("evaluate")(cfg, 1, force=force, features_stage="features_randombatches",
+                                      out_stage="evaluate_randombatches")
+    return record["stats"]

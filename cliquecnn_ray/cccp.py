@@ -14,8 +14,8 @@ none changes which X are optimal for some choice of the λ's:
 
 * Problem shrinking (``coverage_patterns``): frames no clique covers add 0^p = 0 and are dropped; frames
   covered by the same set of cliques have equal columns of C and merge into one of M patterns with a
-  multiplicity w_m, so ||x_b C||_p^p = Σ_m w_m (x_b C_m)^p exactly (K = 100 cliques of 20 frames out of
-  N = 2,000: M ≈ 300–600).
+  multiplicity w_m, so ||x_b C||_p^p = Σ_m w_m (x_b C_m)^p exactly (M is far below N when cliques
+  overlap).
 * Term normalisation (``make_problem``): the S' and coverage terms are divided by their size at a random
   feasible binary X, the λ3 term by the point where binary X becomes stable, so λ1, λ2, λ3 are *relative*
   weights and one set of defaults holds from K = 30 to K = 2,000.
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 import warnings
 import zlib
@@ -45,7 +44,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from .linkage import project_psd
 
 
 class BatchesError(ValueError):
@@ -132,12 +131,22 @@ def coverage_patterns(clique_frames: Sequence[np.ndarray]) -> tuple[np.ndarray, 
     return patterns, np.asarray(counts, dtype=np.float64)
 
 
+def binary_rows(indices: np.ndarray, K: int) -> np.ndarray:
+    """(B, r) clique indices → the binary X (B, K) float64 with a 1 at each row's indices."""
+    indices = np.asarray(indices, dtype=np.int64)
+    X = np.zeros((len(indices), K))
+    np.put_along_axis(X, indices, 1.0, axis=1)
+    return X
+
+
+def random_batches(B: int, K: int, r: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, r) random batches: each row r distinct clique indices drawn uniformly from K, ascending."""
+    return np.sort(np.argsort(rng.random((B, K)), axis=1)[:, :r], axis=1)
+
+
 def random_binary(B: int, K: int, r: int, rng: np.random.Generator) -> np.ndarray:
     """(B, K) 0/1 with exactly r ones per row at uniformly random positions (random batches)."""
-    X = np.zeros((B, K))
-    idx = np.argsort(rng.random((B, K)), axis=1)[:, :r]
-    np.put_along_axis(X, idx, 1.0, axis=1)
-    return X
+    return binary_rows(random_batches(B, K, r, rng), K)
 
 
 def validate_inputs(S: np.ndarray, clique_frames: Sequence[np.ndarray], B: int, r: int, category: str = "",
@@ -194,11 +203,7 @@ def make_problem(S: np.ndarray, clique_frames: Sequence[np.ndarray], B: int, r: 
     """
     S = np.asarray(S, dtype=np.float64)
     validate_inputs(S, clique_frames, B, r, category)
-    S = 0.5 * (S + S.T)
-    vals, vecs = np.linalg.eigh(S)
-    if vals.min() < -1e-10 * max(1.0, float(np.abs(vals).max())):
-        S = (vecs * np.clip(vals, 0, None)) @ vecs.T
-        S = 0.5 * (S + S.T)
+    S = project_psd(S)
     patterns, weights = coverage_patterns(clique_frames)
     K = S.shape[0]
     off = S[~np.eye(K, dtype=bool)]
@@ -284,15 +289,17 @@ def _power(expr, p: float, cones: str):
 
 
 def solve_subproblem_exact(prob: Problem, G: np.ndarray, order: Sequence[tuple[str, str]] = (
-        ("CLARABEL", "soc"), ("CLARABEL", "power"), ("SCS", "soc")), verbose: bool = False) -> np.ndarray:
+        ("CLARABEL", "soc"), ("CLARABEL", "power"), ("SCS", "soc")), verbose: bool = False,
+        fallbacks: Optional[list[str]] = None) -> np.ndarray:
     """argmin_{X ∈ [0,1]^{B×K}, X1 = r} u(X) − <X, G> (Eq. 5–6) by an interior-point method, exactly.
 
     The hypograph s ≤ t^p of each concave power is a conic constraint (``_power``), never an
     approximation. tr(X S' Xᵀ) = ||X L||_F² with S' = L Lᵀ; the objective is multiplied by B·r so its
-    per-entry coefficients are O(1). Tries (solver, cones) in ``order``; the next one on a failure, with a
-    warning. Measured here (synthetic, K = 50, B = 30 and K = 100, B = 100): Clarabel with 3-d power cones
-    stops with InsufficientProgress (p = 1/16 is close to the cone's edge), Clarabel with the
-    second-order-cone tower solves both (≈ 5 s and ≈ 20 s), SCS solves them more slowly (≈ 50 s).
+    per-entry coefficients are O(1). Tries (solver, cones) in ``order``; the next one on a failure, and
+    appends what failed and what solved it to ``fallbacks`` (the caller reports it once). Clarabel with 3-d
+    power cones can stop with InsufficientProgress (p = 1/16 is close to the cone's edge), so the exact
+    second-order-cone tower goes first and SCS, slower, last (timings and fallbacks:
+    benchmarks/results/cccp.json, exact_s and exact_fallbacks).
 
     Returns X (B, K) float64 clipped to [0, 1]; raises SolverError when every attempt fails.
     """
@@ -321,7 +328,6 @@ def solve_subproblem_exact(prob: Problem, G: np.ndarray, order: Sequence[tuple[s
         if l2:
             terms.append(-scale * l2 / prob.scales["tot"] * (pw2 @ prob.weights))
         problem = cp.Problem(cp.Minimize(cp.sum(cp.hstack(terms))), [X >= 0, X <= 1, cp.sum(X, axis=1) == r])
-        started = time.time()
         try:
             kwargs = {"max_iters": 50000, "eps": 1e-8} if name == "SCS" else {}
             problem.solve(solver=name, verbose=verbose, **kwargs)
@@ -329,11 +335,8 @@ def solve_subproblem_exact(prob: Problem, G: np.ndarray, order: Sequence[tuple[s
             errors.append(f"{name}/{cones}: {str(exc).splitlines()[0]}")
             continue
         if problem.status in ("optimal", "optimal_inaccurate") and X.value is not None:
-            if errors:
-                message = (f"category {prob.category!r}: exact sub-problem (B={B}, K={K}, M={prob.M}): "
-                           f"{'; '.join(errors)}; solved by {name}/{cones} in {time.time() - started:.1f} s")
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
-                log.warning("%s", message)
+            if errors and fallbacks is not None:
+                fallbacks.append(f"exact sub-problem: {'; '.join(errors)}; solved by {name}/{cones}")
             return np.clip(np.asarray(X.value, dtype=np.float64), 0.0, 1.0)
         errors.append(f"{name}/{cones}: status {problem.status}")
     raise SolverError(f"category {prob.category!r}: exact sub-problem (B={B}, K={K}, M={prob.M}) failed: "
@@ -427,9 +430,10 @@ class _Smooth:
 
     def __init__(self, prob: Problem, G: np.ndarray, eps: float, dtype=torch.float64):
         self.p, self.eps = prob.p, eps
-        self.S2 = torch.as_tensor(prob.S, dtype=dtype) * (2.0 / prob.scales["sim"])  # ∇ tr(XS'Xᵀ)/s = X·2S'/s
+        # Copies (torch.tensor), not views: a problem that came through the Ray object store is read-only.
+        self.S2 = torch.tensor(prob.S, dtype=dtype) * (2.0 / prob.scales["sim"])  # ∇ tr(XS'Xᵀ)/s = X·2S'/s
         self.S2_diag = torch.diagonal(self.S2).clone()[None, :]
-        P = torch.as_tensor(prob.patterns, dtype=dtype)
+        P = torch.tensor(prob.patterns, dtype=dtype)
         self.sparse = prob.K * prob.M > 4_000_000  # large and sparse (a pattern names few cliques): CSR
         if self.sparse:
             with warnings.catch_warnings():
@@ -437,7 +441,7 @@ class _Smooth:
                 self.P, self.PT = P.to_sparse_csr(), P.T.contiguous().to_sparse_csr()
         else:
             self.P, self.PT = P, P.T.contiguous()
-        w = torch.as_tensor(prob.weights, dtype=dtype)
+        w = torch.tensor(prob.weights, dtype=dtype)
         self.a1 = prob.lambdas[0] / prob.scales["cov"] * w
         self.a2 = prob.lambdas[1] / prob.scales["tot"] * w
         self.G = torch.as_tensor(G, dtype=dtype)
@@ -476,8 +480,8 @@ def solve_subproblem_fast(prob: Problem, G: np.ndarray, X0: np.ndarray, tol: flo
     D-metric (``project_capped_simplex`` with scale 1/D); σ doubles until F falls by half the first-order
     decrease (Armijo) and halves after a step accepted at once. Why not plain or accelerated projected
     gradient: t^p's curvature p(1−p)t^{p−2} spans orders of magnitude across entries (off-batch entries sit
-    at t ≈ 0.001–0.01), so one step size fits no entry: FISTA with backtracking took 6,194 iterations on a
-    paper-scale sub-problem where this takes 41 (to 1e-10). Each step also keeps X ≥ X/``shrink`` (a trust
+    at t ≈ 0.001–0.01), so one step size fits no entry and FISTA with backtracking needs orders of
+    magnitude more iterations than this diagonal scaling. Each step also keeps X ≥ X/``shrink`` (a trust
     region from below): a Newton-like step from far above the optimum of a t^p term overshoots to near 0,
     where the curvature explodes.
 
@@ -499,7 +503,7 @@ def solve_subproblem_fast(prob: Problem, G: np.ndarray, X0: np.ndarray, tol: flo
     tau = None
     history = [fx]
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (`it` is the iteration count returned after the loop)
         lower = x / shrink
         first_try = True
         while True:
@@ -557,9 +561,7 @@ def top_r(X: np.ndarray, r: int) -> np.ndarray:
 
 def round_top_r(X: np.ndarray, r: int) -> np.ndarray:
     """Binary X (B, K): each row's r largest entries become 1, the rest 0."""
-    out = np.zeros(np.shape(X), dtype=np.float64)
-    np.put_along_axis(out, top_r(X, r), 1.0, axis=1)
-    return out
+    return binary_rows(top_r(X, r), np.shape(X)[1])
 
 
 def cccp(prob: Problem, X0: np.ndarray, solver: str = "fast", iters: int = 30, tol: float = 1e-4,
@@ -569,13 +571,14 @@ def cccp(prob: Problem, X0: np.ndarray, solver: str = "fast", iters: int = 30, t
 
     Continuation on λ3: the push to binary starts at ``lambda3_start`` (None: at λ3) and grows by ``growth``
     per step up to prob's λ3, so the first steps arrange cliques while X is soft and the later ones
-    binarise it; a full λ3 from the start mostly keeps the rounding of X0 (measured: paper-scale synthetic
-    instance, within-batch similarity 0.60 of random's without continuation, below 0 with it). Once λ3 is
+    binarise it; a full λ3 from the start mostly keeps the rounding of X0, whose batches are little better
+    than random ones. Once λ3 is
     at its value f decreases monotonically (CCCP); stop when it changes by less than ``tol``·max(1, |f|)
     or after ``iters`` steps. ``solver``: "fast" (torch) or "exact" (cvxpy).
 
     Returns (X relaxed (B, K), info {"objective", "history" (f per step), "moved" (rows whose top-r set
-    changed per step), "iters", "sub_iters", "seconds"}).
+    changed per step), "iters", "sub_iters", "seconds", "fallbacks" (the exact solver's fallbacks, each
+    once)}).
     """
     if solver not in ("fast", "exact"):
         raise ValueError(f"unknown CCCP solver {solver!r} (fast or exact)")
@@ -588,6 +591,7 @@ def cccp(prob: Problem, X0: np.ndarray, solver: str = "fast", iters: int = 30, t
     moved: list[int] = []
     top = top_r(X, prob.r)
     f_prev = None
+    fallbacks: list[str] = []
     for _ in range(iters):
         step = prob if l3_t == l3 else dataclasses.replace(prob, lambdas=(l1, l2, l3_t))
         G = grad_v(X, step)
@@ -595,7 +599,7 @@ def cccp(prob: Problem, X0: np.ndarray, solver: str = "fast", iters: int = 30, t
             X, info = solve_subproblem_fast(step, G, X, tol=sub_tol)
             sub_iters.append(info["iters"])
         else:
-            X = solve_subproblem_exact(step, G)
+            X = solve_subproblem_exact(step, G, fallbacks=fallbacks)
         if not np.isfinite(X).all():
             raise SolverError(f"category {prob.category!r}: the {solver} CCCP step produced non-finite X")
         f = objective(X, prob)
@@ -608,7 +612,8 @@ def cccp(prob: Problem, X0: np.ndarray, solver: str = "fast", iters: int = 30, t
         f_prev = f if l3_t == l3 else None
         l3_t = min(l3, l3_t * growth)
     return X, {"objective": history[-1] if history else objective(X, prob), "history": history,
-               "moved": moved, "iters": len(history), "sub_iters": sub_iters, "seconds": time.time() - started}
+               "moved": moved, "iters": len(history), "sub_iters": sub_iters, "seconds": time.time() - started,
+               "fallbacks": list(dict.fromkeys(fallbacks))}
 
 
 def solve_restart(prob: Problem, seed: int, solver: str = "fast", iters: int = 30, tol: float = 1e-4,
@@ -617,7 +622,8 @@ def solve_restart(prob: Problem, seed: int, solver: str = "fast", iters: int = 3
 
     Returns {"seed", "X" (B, K) relaxed, "batches" (B, r) clique indices, "objective" (f at the relaxed
     X), "objective_rounded" (f at the rounded X: Eq. 1, normalised), "solver" (the one that produced X),
-    "fallback" (why the requested solver was abandoned, or ""), "iters", "seconds", "history"}.
+    "fallback" (why the requested solver was abandoned and any sub-problem solver fallback, or ""; the
+    caller reports it, once), "iters", "seconds", "history"}.
     Raises SolverError when both solvers fail.
     """
     other = {"fast": "exact", "exact": "fast"}[solver]
@@ -629,7 +635,6 @@ def solve_restart(prob: Problem, seed: int, solver: str = "fast", iters: int = 3
             used = solver
         except (SolverError, RuntimeError, ValueError, ArithmeticError) as exc:
             reason = f"{solver} solver failed ({exc}); used the {other} solver"
-            log.warning("category %r, seed %d: %s", prob.category, seed, reason)
             try:
                 X, info = cccp(prob, X0, other, iters, tol, lambda3_start)
             except (SolverError, RuntimeError, ValueError, ArithmeticError) as exc2:
@@ -637,10 +642,9 @@ def solve_restart(prob: Problem, seed: int, solver: str = "fast", iters: int = 3
                                   f"{other}: {exc2}") from exc2
             used = other
     batches = top_r(X, prob.r)
-    Xb = np.zeros_like(X)
-    np.put_along_axis(Xb, batches, 1.0, axis=1)
+    reason = "; ".join([reason] * bool(reason) + info.get("fallbacks", []))
     return {"seed": int(seed), "X": X, "batches": batches, "objective": float(info["objective"]),
-            "objective_rounded": objective(Xb, prob), "solver": used, "fallback": reason,
+            "objective_rounded": objective(binary_rows(batches, prob.K), prob), "solver": used, "fallback": reason,
             "iters": info["iters"], "seconds": info["seconds"], "history": info["history"]}
 
 
@@ -686,8 +690,7 @@ def batch_stats(batches: np.ndarray, prob: Problem, X: Optional[np.ndarray] = No
     """
     batches = np.asarray(batches, dtype=np.int64)
     B, r, K = prob.B, prob.r, prob.K
-    rng = np.random.default_rng(seed)
-    rand = np.sort(np.argsort(rng.random((B, K)), axis=1)[:, :r], axis=1)
+    rand = random_batches(B, K, r, np.random.default_rng(seed))
     iu = np.triu_indices(K, 1)
     threshold = float(np.percentile(prob.S[iu], 90)) if K > 1 else float("inf")
     sim, high = _pair_stats(prob.S, batches, threshold)
@@ -695,17 +698,12 @@ def batch_stats(batches: np.ndarray, prob: Problem, X: Optional[np.ndarray] = No
     cov, total = _coverage(batches, prob)
     cov_r, total_r = _coverage(rand, prob)
 
-    def binary(idx):
-        Xb = np.zeros((B, K))
-        np.put_along_axis(Xb, idx, 1.0, axis=1)
-        return Xb
-
     def ratio(a, b):
         return float(a / b) if b not in (0, 0.0) and np.isfinite(b) else float("nan")
 
     out = {
-        "objective_rounded": objective(binary(batches), prob),
-        "objective_random": objective(binary(rand), prob),
+        "objective_rounded": objective(binary_rows(batches, K), prob),
+        "objective_random": objective(binary_rows(rand, K), prob),
         "within_batch_sim": sim,
         "within_batch_sim_random": sim_r,
         "within_batch_sim_ratio": ratio(sim, sim_r),

@@ -3,25 +3,29 @@
     cliquecnn ingest VIDEO_OR_FOLDER_OR_PARQUET... --run runs/mine
     cliquecnn features --run runs/mine [--kind hog_lda|hog|raw]
     cliquecnn neighbours --run runs/mine --round 0 neighbours.k=50
-    cliquecnn pipeline --config configs/demo.yaml rounds=2
+    cliquecnn pipeline --config demo rounds=2
     cliquecnn embed NEW_VIDEO_OR_FOLDER... --run runs/mine --out runs/mine-new
     cliquecnn serve --run runs/mine [--port 8000]
 
-Every subcommand takes ``--run`` (a directory or s3:// URI), ``--config FILE`` and ``key=value``
-overrides (dotted keys of the config, e.g. ``train.steps=100``).
+Every subcommand takes ``--run`` (a directory or s3:// URI), ``--config FILE`` (or the bare name of a
+config shipped in the package: ``demo``, ``fashion_mnist``) and ``key=value`` overrides (dotted keys of
+the config, e.g. ``train.steps=100``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import json
 import logging
+import os
 import re
 import sys
 from typing import Optional
 
 from . import raysetup
 from .config import ConfigError, PipelineConfig, load_config
+from .lease import hold
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +44,34 @@ STAGE_HELP = {
 }
 
 
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in the package (``cliquecnn_ray/configs/<name>.yaml``)."""
+    folder = importlib.resources.files("cliquecnn_ray") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def config_path(name: Optional[str]) -> Optional[str]:
+    """A ``--config`` value → the file to load: an existing path as given; a bare name (``demo``,
+    ``demo.yaml``) that is not a file here → the config of that name shipped in the package, so an
+    installed ``cliquecnn`` finds its configs from any directory."""
+    if not name or os.path.exists(name) or os.path.dirname(name):
+        return name
+    file_name = name if name.endswith(".yaml") else f"{name}.yaml"
+    packaged = importlib.resources.files("cliquecnn_ray") / "configs" / file_name
+    return str(packaged) if packaged.is_file() else name
+
+
 def common_parser() -> argparse.ArgumentParser:
     """Options every command shares; reusable as a parent parser by other launchers (jobs/train.py)."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--config", help="YAML config (states only what differs from the defaults)")
+    parser.add_argument("--config", help="YAML config (states only what differs from the defaults), or the name of "
+                        f"one shipped in the package: {', '.join(packaged_configs())}")
     parser.add_argument("--run", help="run directory or s3://bucket/prefix (overrides the config's run)")
     parser.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else an embedded Ray")
-    parser.add_argument("--force", action="store_true", help="recompute even if the stage is committed")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute even if committed; every stage downstream of a recomputed one reruns")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="take the run's lease from another driver (only when you know it is gone)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     parser.add_argument("items", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50")
     return parser
@@ -67,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     positional = [item for item in args.items if not _OVERRIDE.match(item)]
     if getattr(args, "run", None):
         overrides.append(f"run={args.run}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(config_path(args.config), overrides)
     if positional:
         if getattr(args, "command", None) not in ("ingest", "embed"):
             raise ConfigError(f"unexpected arguments {positional}: overrides take the form key=value")
@@ -122,7 +147,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command in ("ingest", "embed") and not cfg.sources:
         parser.error(f"{args.command} needs at least one SOURCE (a video file, a folder, or a Parquet path/URI)")
     try:
-        return _run_command(args, cfg)
+        with hold(cfg.run, break_lock=args.break_lock):  # one writer per run, for the command's whole life
+            return _run_command(args, cfg)
     except USER_ERRORS as exc:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"cliquecnn {args.command}: error: {exc}", file=sys.stderr)
@@ -131,11 +157,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _user_errors() -> tuple:
     from .frame_sources import IngestError
+    from .lease import LeaseLost, RunLocked
     from .rundir import StageNotCommitted
     from .schema import SchemaError
     from .storage import StorageError
 
-    return (ConfigError, IngestError, SchemaError, StageNotCommitted, StorageError, FileNotFoundError)
+    # ValueError: a stage's own check of its input (ConfigError is one too); never a traceback.
+    return (ValueError, IngestError, SchemaError, StageNotCommitted, StorageError, FileNotFoundError, RunLocked,
+            LeaseLost)
 
 
 USER_ERRORS = _user_errors()
@@ -160,7 +189,6 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         return 0
     if args.command == "baselines":
         from . import baselines
-
         from .metrics import format_metrics_table
 
         print(format_metrics_table(baselines.run(cfg, force=args.force)))
@@ -173,8 +201,10 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     if args.command == "evaluate":
         if args.labels:
             cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=args.labels))
-        cfg = pipeline.prepare_labels(pipeline.resolve_builtin_data(cfg))
+        cfg = pipeline.prepare_labels(pipeline.resolve_builtin_data(cfg), args.force)
         kwargs = {"features_stage": args.features_stage, "ltp_p": args.ltp}
+    if args.command == "report":  # shows the evaluations made with these (resolved) labels
+        cfg = pipeline.prepare_labels(pipeline.resolve_builtin_data(cfg))
     round_ = getattr(args, "round", 0)
     record = pipeline.stage_runner(args.command)(cfg, round_, force=args.force, **kwargs)
     state = "skipped (already committed)" if record.get("skipped") else f"done in {record.get('seconds', 0):.1f} s"

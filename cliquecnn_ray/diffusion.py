@@ -230,6 +230,32 @@ def load_knn_graph(run: str, round_index: int, k: int, gamma: float = GAMMA) -> 
     return knn_graph(ids, extremes.nn_ids, extremes.nn_sims, k=k, gamma=gamma)
 
 
+def initial_results(queries: np.ndarray, pool_features: np.ndarray, m: int, exclude: np.ndarray,
+                    chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``m`` most similar pool rows, best first, leaving out its own row (leave-one-out).
+
+    Args:
+        queries: (R, d) query features; pool_features (P, d); exclude (R,) the pool row of each query (−1: none).
+    Returns (rows (R, m) int64 pool rows, scores (R, m) float32), m clamped to what the pool offers.
+    """
+    m = min(int(m), len(pool_features) - 1 if (np.asarray(exclude) >= 0).any() else len(pool_features))
+    rows = np.empty((len(queries), max(m, 0)), dtype=np.int64)
+    scores = np.empty((len(queries), max(m, 0)), dtype=np.float32)
+    if m < 1:
+        return rows, scores
+    for lo in range(0, len(queries), chunk):
+        sims = queries[lo : lo + chunk] @ pool_features.T  # (chunk, P)
+        own = np.asarray(exclude[lo : lo + chunk])
+        mine = np.flatnonzero(own >= 0)
+        sims[mine, own[mine]] = -np.inf
+        top = np.argpartition(-sims, m - 1, axis=1)[:, :m]
+        top_scores = np.take_along_axis(sims, top, 1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        rows[lo : lo + chunk] = np.take_along_axis(top, order, 1)
+        scores[lo : lo + chunk] = np.take_along_axis(top_scores, order, 1)
+    return rows, scores
+
+
 class DiffusionRescorer:
     """Re-scores blocks of evaluation queries by diffusion, for ``metrics.class_partial``'s ``rescore``.
 
@@ -249,7 +275,7 @@ class DiffusionRescorer:
         alpha: float,
         truncate: int,
         seeds: int | None = None,
-        chunk: int = 128,
+        initial: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         """
         Args:
@@ -258,11 +284,13 @@ class DiffusionRescorer:
             pool_features: (P, d) their features, normalised as the evaluation's (a dot product is its score).
             item_rows: (N,) graph row of each evaluated item, in the order of the evaluation's features.
             alpha, seeds: as ``rerank``; truncate: initial results diffused per query (> seeds).
+            initial: the ``initial_results`` of every item (rows (N, ≥ truncate) into the pool, scores),
+                when already computed (settings compared on the same queries); else computed per block.
         """
         self.graph = graph
         self.pool_rows = np.asarray(pool_rows, dtype=np.int64)
         self.pool_features = np.ascontiguousarray(pool_features, dtype=np.float32)
-        self.alpha, self.truncate, self.seeds, self.chunk = float(alpha), int(truncate), seeds, int(chunk)
+        self.alpha, self.truncate, self.seeds, self.initial = float(alpha), int(truncate), seeds, initial
         self.pool_of_row = np.full(len(graph), -1, dtype=np.int64)
         self.pool_of_row[self.pool_rows] = np.arange(len(self.pool_rows))
         self.item_pool = self.pool_of_row[np.asarray(item_rows, dtype=np.int64)]
@@ -271,26 +299,25 @@ class DiffusionRescorer:
                              "not in the candidate pool")
         self.pool_item = np.full(len(self.pool_rows), -1, dtype=np.int64)
         self.pool_item[self.item_pool] = np.arange(len(self.item_pool))
-        if not 0 < self.truncate < len(self.pool_rows):
-            self.truncate = len(self.pool_rows) - 1
 
     def __call__(self, positions: np.ndarray, sims):
         """``positions`` (R,) of the queries among the evaluated items, ``sims`` (R, N) their initial scores
         (a torch tensor or an array, modified in place and returned)."""
         positions = np.asarray(positions, dtype=np.int64)
         values = sims.numpy() if hasattr(sims, "numpy") else sims
-        for lo in range(0, len(positions), self.chunk):
-            query_pool = self.item_pool[positions[lo : lo + self.chunk]]
-            initial = self.pool_features[query_pool] @ self.pool_features.T  # (chunk, P)
-            initial[np.arange(len(query_pool)), query_pool] = -np.inf  # the query is not its own result
-            top = np.argpartition(-initial, self.truncate - 1, axis=1)[:, : self.truncate]
-            for i, (cand, row) in enumerate(zip(top, values[lo : lo + self.chunk])):
-                got, f = rerank(self.graph, self.pool_rows[cand], initial[i, cand], k=self.truncate,
-                                alpha=self.alpha, seeds=self.seeds)
-                reached = f > 0
-                items = self.pool_item[self.pool_of_row[got[reached]]]
-                keep = items >= 0
-                if keep.any():
-                    base = np.max(row[np.isfinite(row)]) + 1.0
-                    row[items[keep]] = base + f[reached][keep] / f[reached][keep].max()
+        query_pool = self.item_pool[positions]
+        if self.initial is not None:
+            top, top_scores = (a[positions, : self.truncate] for a in self.initial)
+        else:
+            top, top_scores = initial_results(self.pool_features[query_pool], self.pool_features, self.truncate,
+                                              exclude=query_pool)
+        for cand, cand_scores, row in zip(top, top_scores, values):
+            got, f = rerank(self.graph, self.pool_rows[cand], cand_scores, k=len(cand), alpha=self.alpha,
+                            seeds=self.seeds)
+            reached = f > 0
+            items = self.pool_item[self.pool_of_row[got[reached]]]
+            keep = items >= 0
+            if keep.any():
+                base = np.max(row[np.isfinite(row)]) + 1.0
+                row[items[keep]] = base + f[reached][keep] / f[reached][keep].max()
         return sims

@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import posixpath
 import re
+import stat
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -56,6 +59,14 @@ OPTIONAL = (schema.IMAGE, schema.URI, schema.BBOX)
 
 class IngestError(ValueError):
     """A source cannot be ingested; the message names the file / column / frame."""
+
+
+def raise_all(errors: list[str]) -> None:
+    """One IngestError naming every failed input (none: nothing raised), so one run shows the user all of them."""
+    if len(errors) == 1:
+        raise IngestError(errors[0])
+    if errors:
+        raise IngestError(f"{len(errors)} inputs cannot be ingested:\n" + "\n".join(f"- {e}" for e in errors))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,15 +135,10 @@ def _stem(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path.replace("\\", "/")))[0]
 
 
-def absolute_uri(uri: str) -> str:
-    """Local paths made absolute, so Ray workers with another working directory find them."""
-    return uri if storage.is_s3(uri) else storage.resolve(uri)[1]
-
-
 def plan_source(source: str, position: int, cfg: IngestConfig) -> list[dict]:
     """The units of one source, in natural order. Raises IngestError / StorageError naming the source
     when it is missing, unreachable, empty or laid out unlike any supported form."""
-    uri = absolute_uri(source)
+    uri = storage.absolute_uri(source)
     if not storage.exists(uri):  # StorageError "cannot reach <uri>" when an S3 endpoint is down
         raise IngestError(f"input not found: {source}")
     base = {"source": source, "source_pos": position}
@@ -141,7 +147,7 @@ def plan_source(source: str, position: int, cfg: IngestConfig) -> list[dict]:
         if kind == "video":
             return [{**base, "kind": "video", "uri": uri, "video_id": _stem(uri), "category": cfg.default_category}]
         if kind == "parquet":
-            return [{**base, "kind": "parquet", "uri": uri}]
+            return [{**base, "kind": "parquet", "uri": uri, "folder": posixpath.dirname(uri)}]
         raise IngestError(
             f"unsupported source {source}: expected a video file ({', '.join(VIDEO_SUFFIXES)}), "
             f"a folder of videos or images, or a Parquet file/folder"
@@ -172,7 +178,7 @@ def plan_source(source: str, position: int, cfg: IngestConfig) -> list[dict]:
 
     if kind == "parquet":
         ordered = natural_sort(files, key=lambda pf: "/".join(pf[0]))
-        return [{**base, "kind": "parquet", "uri": f} for _, f in ordered]
+        return [{**base, "kind": "parquet", "uri": f, "folder": uri} for _, f in ordered]
 
     cat_depth = 1 if cfg.category_from_folder else 0
     depth = cat_depth + (1 if kind == "video" else 2)
@@ -214,7 +220,13 @@ def plan_sources(sources: Iterable[str], cfg: IngestConfig) -> list[dict]:
         if s in seen:
             raise IngestError(f"source {s} is listed twice")
         seen.add(s)
-    units = [u for pos, s in enumerate(sources) for u in plan_source(s, pos, cfg)]
+    units, errors = [], []
+    for pos, s in enumerate(sources):
+        try:
+            units += plan_source(s, pos, cfg)
+        except IngestError as exc:  # every missing or malformed source is named, not the first only
+            errors.append(str(exc))
+    raise_all(errors)
     for i, unit in enumerate(units):
         unit["unit"] = i
     return units
@@ -296,9 +308,106 @@ def decode_video(uri: str, cfg: IngestConfig, video_id: str = "") -> tuple[list[
                     break
         except (av.error.FFmpegError, OSError) as exc:  # demuxing failed: a truncated or corrupt file
             raise IngestError(f"cannot decode video {uri} after frame {index}: {exc}") from exc
+        # A cut file demuxes without an error up to where it ends; only the count its index declares shows it.
+        declared = stream.frames
+        if not done and declared and index < declared:
+            reason = f"truncated: decoded {index} of the {declared} frames its container declares"
+            if cfg.on_bad_frame != "skip":
+                raise IngestError(f"video {uri} is {reason}")
+            skipped.append({"video_id": video_id, "frame_index": index, "reason": reason})
     if not indices and not skipped:
         raise IngestError(f"cannot decode video {uri}: no frames decoded")
     return indices, images, skipped
+
+
+def open_image(data: bytes) -> tuple[Optional[Image.Image], str]:
+    """Decode image bytes: (image, "") or (None, why not). More pixels than PIL's ``MAX_IMAGE_PIXELS`` (the
+    limit every later decode enforces) are refused from the header, before they are decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the numbers
+            image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            limit = Image.MAX_IMAGE_PIXELS
+            return None, f"{width}×{height} pixels, over the limit of {limit} (PIL's MAX_IMAGE_PIXELS)"
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return None, f"undecodable image: {exc}"
+    return image, ""
+
+
+def uri_roots(source_folder: str, extra: Iterable[str] = ()) -> list[str]:
+    """Where a Parquet source's ``uri`` column may point: below the source's own folder (on S3: its bucket)
+    and below the roots the config lists. Local roots with symlinks resolved, as the files will be."""
+    roots = []
+    for root in (source_folder, *extra):
+        if storage.is_s3(root):
+            roots.append("s3://" + (root[len("s3://"):].split("/", 1)[0] if root == source_folder else
+                                    root[len("s3://"):].rstrip("/")))
+        else:
+            roots.append(os.path.realpath(root))
+    return roots
+
+
+def _below(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def uri_problem(uri: Any, roots: list[str]) -> str:
+    """Why a frame's ``uri`` must not be read ("" when it may): a path outside ``roots`` (``/etc/...``, a
+    symlink out of them, another bucket), a ``..`` component, or a local file that is not a regular file
+    (a FIFO would block the reader, a device never end)."""
+    if not isinstance(uri, str) or not uri:
+        return "is empty"
+    if ".." in uri.replace("\\", "/").split("/"):
+        return "has a '..' component"
+    outside = f"is outside the allowed roots ({', '.join(roots)}; add one with ingest.uri_roots)"
+    if storage.is_s3(uri):
+        return "" if any(_below(uri, r) for r in roots if storage.is_s3(r)) else outside
+    if "://" in uri or not os.path.isabs(uri):
+        return outside if "://" in uri else "is not an absolute path or an s3:// URI"
+    real = os.path.realpath(uri)
+    if not any(_below(real, r) for r in roots if not storage.is_s3(r)):
+        return outside
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    return "" if stat.S_ISREG(mode) else "is not a regular file (a FIFO, device or folder)"
+
+
+MAX_LISTED = 20  # bad rows named per table; the count says how many more
+
+
+def check_rows(table: pa.Table, unit: dict, cfg: IngestConfig) -> tuple[pa.Table, list[dict]]:
+    """Every row's image decodes within the pixel limit and its uri lies below the allowed roots, checked now
+    rather than as a traceback in the features stage. Returns (table without skipped rows, skipped); an
+    undecodable image is skipped under ``on_bad_frame="skip"``, a uri outside the roots is always an error.
+    Raises IngestError naming the table and each bad row (video_id, frame_index)."""
+    names = table.column_names
+    images = table.column(schema.IMAGE).to_pylist() if schema.IMAGE in names else [None] * table.num_rows
+    uris = table.column(schema.URI).to_pylist() if schema.URI in names else [None] * table.num_rows
+    vids, idx = table.column(schema.VIDEO_ID).to_pylist(), table.column(schema.FRAME_INDEX).to_pylist()
+    roots = uri_roots(unit["folder"], cfg.uri_roots) if schema.URI in names else []
+    errors, skipped, keep = [], [], np.ones(table.num_rows, dtype=bool)
+    for row, (data, uri) in enumerate(zip(images, uris)):
+        where = f"row {row} (video_id {vids[row]!r}, frame_index {idx[row]})"
+        problem = uri_problem(uri, roots) if uri is not None else ""
+        if problem:
+            errors.append(f"{where}: uri {uri!r} {problem}")
+        problem = open_image(data)[1] if data is not None else ""
+        if problem and cfg.on_bad_frame == "skip":
+            skipped.append({"video_id": vids[row], "frame_index": idx[row], "file": unit["uri"],
+                            "reason": f"row {row}: {problem}"})
+            keep[row] = False
+        elif problem:
+            errors.append(f"{where}: {problem}")
+    if errors:
+        more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+        raise IngestError(f"frames table ({unit['uri']}): {len(errors)} bad rows:\n  "
+                          + "\n  ".join(errors[:MAX_LISTED]) + more)
+    return (table.filter(pa.array(keep)) if skipped else table), skipped
 
 
 def load_images(files: list[str], cfg: IngestConfig, video_id: str) -> tuple[list[int], list[bytes], list[dict]]:
@@ -316,14 +425,11 @@ def load_images(files: list[str], cfg: IngestConfig, video_id: str) -> tuple[lis
         if cfg.max_frames and len(indices) >= cfg.max_frames:
             break
         data = storage.read_bytes(uri)  # a missing file is a StorageError, not a bad frame
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        image, problem = open_image(data)
+        if problem:
             if cfg.on_bad_frame != "skip":
-                raise IngestError(f"cannot decode image {uri}: {exc}") from exc
-            skipped.append({"video_id": video_id, "frame_index": position, "file": uri,
-                            "reason": f"undecodable: {exc}"})
+                raise IngestError(f"{uri}: {problem}")
+            skipped.append({"video_id": video_id, "frame_index": position, "file": uri, "reason": problem})
             continue
         if cfg.resize_to and max(image.size) > cfg.resize_to:
             data = encode_image(shrink(image, cfg.resize_to), cfg.image_format)
@@ -395,7 +501,8 @@ def decode_unit(unit: dict, cfg: IngestConfig) -> tuple[pa.Table, list[dict]]:
     if kind == "parquet":
         table = map_columns(storage.read_parquet(unit["uri"]), cfg.column_map, cfg.default_category, unit["uri"])
         check_unit_duplicates(table, unit["uri"])
-        return table, []
+        table, skipped = check_rows(table, unit, cfg)
+        return table, [{"source": unit["source"], **s} for s in skipped]
     if kind == "video":
         indices, images, skipped = decode_video(unit["uri"], cfg, unit["video_id"])
         where = unit["uri"]

@@ -3,7 +3,7 @@
 Pure functions over arrays (numpy / torch / PIL); no Ray here. The Ray layer is ``stages/features.py``.
 
 Decisions: HOG is ``skimage.feature.hog`` (L2-Hys blocks, no sqrt transform) and ``hog_batch`` replicates it
-to ~5e-8. LDA: Σ = cov (ML, /n) + λI with λ absolute (not scaled), W = Σ^{-1/2} (symmetric, eigh).
+up to float32 rounding. LDA: Σ = cov (ML, /n) + λI with λ absolute (not scaled), W = Σ^{-1/2} (symmetric, eigh).
 Feature kinds: "hog_lda" φ = normalise((x − μ)W); "hog" normalise(x) (cosine); "raw" centred pixels,
 normalised (Pearson). A descriptor of norm ~0 (a blank frame under "hog" / "raw") becomes the zero vector:
 similarity 0 to everything, never NaN; the stage reports such frames.
@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image
 
 from . import storage
-
 
 # ---------------------------------------------------------------------------------------------
 # Decoding
@@ -183,11 +182,11 @@ def hog_batch(
     (block row, block col, cell row in block, cell col in block, orientation).
 
     Differences from skimage are rounding only (cell sums in float32, as skimage's ``float total``):
-    max abs difference ~5e-8 on uint8 images (tests/test_features.py).
+    tests/test_features.py bounds the difference; benchmarks/results/hog.json holds max_abs_diff_vs_skimage.
 
     Chunks of images run on ``threads`` Python threads, each with single-threaded torch ops (torch and
     numpy release the GIL): on these small tensors OpenMP's intra-op threads cost more than they give,
-    and collapse (10×) when the machine is oversubscribed.
+    and collapse when the machine is oversubscribed.
 
     Args:
         images: (N, H, W) uint8 or float array / tensor (grey).
@@ -290,10 +289,12 @@ class _HogPlan:
 # LDA whitening (Hariharan, Malik, Ramanan, ECCV 2012; paper Sect. 2.1)
 #
 # φ(x) = W (x − μ) / ‖W (x − μ)‖ with W = Σ^{-1/2} the symmetric inverse square root of
-# Σ = cov + λ I. Then φ_iᵀφ_j = (x_i − μ)ᵀ Σ⁻¹ (x_j − μ) / (‖·‖_i ‖·‖_j): the LDA similarity, cosine-
-# normalised. (The authors' Cholesky factor L⁻¹ gives the same inner products; the symmetric root is
-# chosen because it is unique and keeps φ in HOG coordinates.) λ is added unscaled, as the authors'
-# Σ + 0.02·I: our L2-Hys HOG, like their Felzenszwalb HOG, has entries of order 0.1.
+# Σ = cov + λ·(tr(cov)/D)·I. Then φ_iᵀφ_j = (x_i − μ)ᵀ Σ⁻¹ (x_j − μ) / (‖·‖_i ‖·‖_j): the LDA similarity,
+# cosine-normalised. (The authors' Cholesky factor L⁻¹ gives the same inner products; the symmetric root is
+# chosen because it is unique and keeps φ in HOG coordinates.) λ is relative to the mean variance tr(cov)/D,
+# so one λ means the same shrinkage whatever the HOG variant, image size or descriptor scale (the authors'
+# absolute Σ + 0.02·I is tied to their descriptor's scale); λ → ∞ tends to plain centred HOG, λ → 0 to full
+# whitening. The default is chosen on a validation split (benchmarks/tune.py).
 
 WhiteningStats = tuple  # (sum (D,) float64, sum_outer (D, D) float64, count int)
 
@@ -332,10 +333,11 @@ def reduce_stats(parts: Sequence[WhiteningStats]) -> WhiteningStats:
     return total_sum, total_outer, count
 
 
-def whitening_transform(stats: WhiteningStats, lam: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
-    """(μ (D,), W (D, D)) from reduced statistics: Σ = cov + λ I, W = Σ^{-1/2} (symmetric, via eigh).
+def whitening_transform(stats: WhiteningStats, lam: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(μ (D,), W (D, D)) from reduced statistics: Σ = cov + λ·(tr(cov)/D)·I, W = Σ^{-1/2} (symmetric, eigh).
 
-    cov is the maximum-likelihood covariance (divides by n). λ is absolute, not scaled by Σ's trace.
+    cov is the maximum-likelihood covariance (divides by n). λ is relative to the mean variance tr(cov)/D
+    (scale-free: multiplying every descriptor by c leaves φ unchanged).
     Raises ValueError when fewer than two frames are given or Σ is not positive definite (λ ≤ 0 and
     degenerate data).
     """
@@ -347,7 +349,7 @@ def whitening_transform(stats: WhiteningStats, lam: float = 0.02) -> tuple[np.nd
     mu = s / n
     cov = so / n - np.outer(mu, mu)
     cov = (cov + cov.T) / 2.0  # exact symmetry for eigh
-    sigma = cov + lam * np.eye(len(mu))
+    sigma = cov + lam * (np.trace(cov) / len(mu)) * np.eye(len(mu))
     evals, evecs = np.linalg.eigh(sigma)
     floor = 1e-10 * max(float(evals[-1]), 1e-300)
     if evals[0] <= floor:

@@ -30,8 +30,8 @@ The pipeline for one category, on frames indexed locally 0..n-1:
 3. ``select_cliques`` — K of the cliques of at least ``min_size`` frames. ``selection = "spread"``
    (default): the cliques are grouped into K groups by spherical k-means of their mean features and the
    most compact clique of each group is taken, so the K cliques spread over the whole data rather than
-   piling up in its densest mode (on Fashion-MNIST the K most compact HOG-LDA cliques are 55% trousers;
-   spread ones follow the data, ~10% per class). ``selection = "compact"``: greedy in decreasing
+   piling up in its densest mode (where the K most compact cliques would mostly come from one class).
+   ``selection = "compact"``: greedy in decreasing
    compactness. Either way a clique is skipped while more than ``max_covered`` of its frames are already
    in chosen cliques; if fewer than K are chosen, the skipped ones fill up in the same order.
 4. ``clique_similarity`` — S'_ab = mean_{i∈a, j∈b} φ_iᵀφ_j = m_aᵀm_b with m_a the clique's mean feature
@@ -511,7 +511,8 @@ def finish_category(
         raise ValueError(f"cliques.selection: unknown rule '{cfg.selection}' (spread or compact)")
     groups = None
     if cfg.selection == "spread":
-        groups = spread_groups(merged, features, cfg.num_cliques, cfg.min_size, seed=[seed, zlib.crc32(category.encode())])
+        category_seed = [seed, zlib.crc32(category.encode())]
+        groups = spread_groups(merged, features, cfg.num_cliques, cfg.min_size, seed=category_seed)
     chosen = select_cliques(merged, comp, cfg.num_cliques, cfg.min_size, cfg.max_covered, groups)
     if not len(chosen):
         largest = max((len(c) for c in merged), default=0)

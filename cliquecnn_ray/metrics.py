@@ -10,7 +10,7 @@ Two label forms (docs/data-contracts.md#labels):
   scores against its own candidates are needed.
 
 Similarity is the Pearson correlation where the protocol asks for it (the paper's PASCAL protocol):
-``pearson_normalise`` centres each vector over its d entries and L2-normalises it, so a dot product in the
+``similarity.pearson_normalise`` centres each vector over its d entries and L2-normalises it, so a dot product in the
 engine is the correlation.
 
 A query with no positive or no negative has no ROC: it is skipped for every metric (kNN included, so that
@@ -29,21 +29,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .similarity import iter_similarity_blocks
+from .similarity import iter_similarity_blocks, pearson_normalise
 
 ROC_POINTS = 101
 GRID = np.linspace(0.0, 1.0, ROC_POINTS)  # the authors' FPR grid (calculate_roc_auc.py); also our recall grid
-BYTES_PER_ENTRY = 160  # peak bytes per (query, candidate) entry: ranking_metrics ~90 (~140 with ties) + the block
-
-
-def pearson_normalise(features: np.ndarray) -> np.ndarray:
-    """(N, d) → (N, d) float32, each vector minus its own mean over d, then L2-normalised: φ_i·φ_j is then the
-    Pearson correlation of the raw vectors. A constant vector becomes 0 (its correlation is undefined)."""
-    x = np.asarray(features, dtype=np.float64)
-    x = x - x.mean(axis=1, keepdims=True)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    x = np.divide(x, norm, out=np.zeros_like(x), where=norm > 1e-12)
-    return x.astype(np.float32)
+BYTES_PER_ENTRY = 160  # peak bytes per (query, candidate) entry: ranking_metrics' arrays (more with ties) + the block
 
 
 def row_block_for(n_database: int, memory_mb: float) -> int:
@@ -82,7 +72,7 @@ def ranking_metrics(scores, positive, valid=None) -> dict[str, np.ndarray]:
     pos = pos & val
     neg = ~pos & val
     # Left-out candidates sink below every real score (into their own tie group at the end). numpy's
-    # argsort is SIMD-vectorised: ~10× torch.sort on CPU. Order inside a tie is irrelevant (ties are grouped).
+    # argsort is SIMD-vectorised: faster than torch.sort on CPU. Order inside a tie is irrelevant (ties are grouped).
     s = np.where(val, s, -np.inf)
     order = np.argsort(-s, axis=1)
     ss = np.take_along_axis(s, order, 1)
@@ -212,13 +202,13 @@ class Partial:
     tpr_sum: np.ndarray = field(default_factory=lambda: np.zeros(ROC_POINTS))
     precision_sum: np.ndarray = field(default_factory=lambda: np.zeros(ROC_POINTS))
 
-    def __add__(self, other: "Partial") -> "Partial":
+    def __add__(self, other: Partial) -> Partial:
         return Partial(
             **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
         )
 
     @classmethod
-    def of_rows(cls, rows: dict[str, np.ndarray], knn_correct: Optional[np.ndarray] = None) -> "Partial":
+    def of_rows(cls, rows: dict[str, np.ndarray], knn_correct: Optional[np.ndarray] = None) -> Partial:
         """Sum the rows of ``ranking_metrics`` (and per-query kNN hits (R,) bool, if any) over used queries."""
         used = ~rows["skipped"]
         part = cls(
@@ -259,7 +249,8 @@ def summarise(part: Partial) -> dict[str, Any]:
 
 def _curves(part: Partial) -> dict[str, list]:
     n = max(part.n_queries, 1)
-    return {"mean_tpr": (part.tpr_sum / n).round(6).tolist(), "mean_precision": (part.precision_sum / n).round(6).tolist()}
+    return {"mean_tpr": (part.tpr_sum / n).round(6).tolist(),
+            "mean_precision": (part.precision_sum / n).round(6).tolist()}
 
 
 def summarise_categories(parts: Mapping[str, Partial]) -> dict[str, Any]:
@@ -313,6 +304,7 @@ def class_partial(
     stop: Optional[int] = None,
     row_block: int = 1024,
     rescore: Optional[Callable[[np.ndarray, torch.Tensor], torch.Tensor]] = None,
+    videos: Optional[np.ndarray] = None,
 ) -> Partial:
     """Queries ``features[start:stop]`` against the whole set ``features`` (N, d), leave-one-out.
 
@@ -322,6 +314,9 @@ def class_partial(
         k: neighbours voting in k-NN (at most N − 1).
         rescore: re-ranking of a block: (query positions (R,), similarities (R, N)) → new scores (R, N)
             (``diffusion.DiffusionRescorer``); every metric, kNN included, then ranks by the new scores.
+        videos: (N,) int64 clip code of each frame, or None. Given, evaluation is cross-video: a query's
+            candidates (ranking and k-NN) exclude every frame of its own clip, so near-duplicate frames of
+            one clip cannot inflate the figures.
     Positives of query i: the other frames with labels[i]; negatives: the rest; i itself excluded.
     """
     # Arrays from Ray's object store are read-only; torch wants writable memory (copy only then).
@@ -330,6 +325,7 @@ def class_partial(
     n = len(labels_t)
     stop = n if stop is None else stop
     n_labels = int(labels_t.max()) + 1 if n else 1
+    videos_t = None if videos is None else torch.as_tensor(np.require(videos, dtype=np.int64, requirements=["W"]))
     k = min(k, n - 1)
     parts = []
     for offset, sims in iter_similarity_blocks(features[start:stop], features, row_block):
@@ -339,11 +335,13 @@ def class_partial(
         r_idx = torch.arange(sims.shape[0])
         valid = torch.ones(sims.shape, dtype=torch.bool)
         valid[r_idx, rows] = False
+        if videos_t is not None:
+            valid &= videos_t[None, :] != videos_t[rows][:, None]
         positive = labels_t[None, :] == labels_t[rows][:, None]
         metrics = ranking_metrics(sims, positive.numpy(), valid.numpy())
         correct = None
         if k > 0:
-            sims[r_idx, rows] = float("-inf")  # a query is not its own neighbour
+            sims.masked_fill_(~valid, float("-inf"))  # a query (and its clip) is not its own neighbour
             top_sims, top_ids = torch.topk(sims, k, dim=1)
             predicted = knn_vote(labels_t[top_ids], top_sims, n_labels)
             correct = predicted == labels_t[rows].numpy()
@@ -364,6 +362,7 @@ def class_label_metrics(
     k: int = 5,
     pearson: bool = True,
     memory_mb: float = 1024,
+    videos: Optional[Sequence] = None,
 ) -> dict[str, Any]:
     """All §9 metrics for class labels in this process (tests, benchmarks; the stage spreads the same
     ``class_partial`` calls over Ray tasks).
@@ -372,16 +371,20 @@ def class_label_metrics(
         features: (N, d); labels: (N,) any sortable labels; categories: (N,) category of each frame
             (default one category "all"): queries and databases never cross categories.
         pearson: centre + L2-normalise each vector first (similarity = Pearson correlation).
+        videos: (N,) clip of each frame (any sortable ids), or None; given, a query's own clip is excluded
+            from its candidates (``class_partial``).
     Returns ``summarise_categories`` of the categories.
     """
     feats = pearson_normalise(features) if pearson else np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels)
     cats = np.asarray(["all"] * len(labels) if categories is None else categories)
+    video_codes = None if videos is None else encode_labels(videos)[0]
     parts = {}
     for cat in sorted(set(cats.tolist())):
         rows = np.flatnonzero(cats == cat)
         codes, _ = encode_labels(labels[rows])
-        parts[cat] = class_partial(feats[rows], codes, k=k, row_block=row_block_for(len(rows), memory_mb))
+        parts[cat] = class_partial(feats[rows], codes, k=k, row_block=row_block_for(len(rows), memory_mb),
+                                   videos=None if video_codes is None else video_codes[rows])
     return summarise_categories(parts)
 
 

@@ -1,4 +1,5 @@
-"""The CNN (paper Sect. 2.4, 3.1; docs/method.md#the-loss): network builder, feature extraction, model files.
+"""The CNN (paper Sect. 2.4, 3.1; docs/method.md#the-loss): the network, its K-way head, starting from another
+round's weights. Feature extraction is ``cnn_features``, model files are ``model_file``.
 
 Pure torch; no Ray. Networks take float images (N, C, H, W) with values in [0, 1]: the input
 standardisation is the first layer of every network, so training and feature extraction cannot disagree
@@ -6,10 +7,6 @@ about it and a saved model carries it.
 """
 from __future__ import annotations
 
-import io
-from typing import Optional
-
-import numpy as np
 import torch
 from torch import nn
 
@@ -124,169 +121,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every nn.Linear of the network, in order."""
     return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, nn.Linear)]
 
 
 def head_name(model: nn.Module) -> str:
     """Module name of the K-way head: the last nn.Linear (its weight is (K, d))."""
-    linears = _linears(model)
+    linears = linear_layers(model)
     if not linears:
         raise ValueError("model has no nn.Linear head")
     return linears[-1][0]
-
-
-FEATURE_LAYERS = {"fc7": 1, "fc6": 2, "pool5": 3}  # layer → which Linear from the end takes it as input
-
-
-def _feature_module(model: nn.Module, layer: str) -> tuple[nn.Module, bool]:
-    """(module, take_input): fc7 = the input of the last Linear (the head), fc6 = the input of the one
-    before, pool5 = the input of fc6 (the flattened last pooled convolution map, as AlexNet's pool5);
-    any other name is a module whose output is taken."""
-    net = unwrap(model)
-    if layer in FEATURE_LAYERS:
-        linears = _linears(net)
-        k = FEATURE_LAYERS[layer]
-        if len(linears) < k:
-            raise ValueError(f"feature layer '{layer}': the model has only {len(linears)} linear layer(s)")
-        return linears[-k][1], True
-    modules = dict(net.named_modules())
-    if layer not in modules:
-        raise ValueError(f"feature layer '{layer}' is not pool5, fc6, fc7 or a module of the model")
-    return modules[layer], False
-
-
-def to_input(images, in_channels: Optional[int] = None) -> torch.Tensor:
-    """uint8 images (N, H, W) grey or (N, H, W, 3) RGB (``features.decode_images``' layout) → float
-    (N, C, H, W) in [0, 1]. A float tensor (N, C, H, W) is returned as is."""
-    x = torch.as_tensor(images)
-    if x.is_floating_point() and x.ndim == 4:
-        return x
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4:
-        x = x.permute(0, 3, 1, 2)
-    else:
-        raise ValueError(f"to_input: images must be (N, H, W) or (N, H, W, 3), got shape {tuple(x.shape)}")
-    if in_channels is not None and x.shape[1] != in_channels:
-        raise ValueError(f"to_input: images have {x.shape[1]} channel(s), the model takes {in_channels}")
-    return x.float().div_(255.0)
-
-
-@torch.no_grad()
-def extract_features(
-    model: nn.Module,
-    images,
-    layer: str = "fc7",
-    batch_size: int = 256,
-    device: Optional[torch.device | str] = None,
-    amp: bool = False,
-) -> torch.Tensor:
-    """Features of ``images`` at ``layer`` in eval mode (dropout off, BatchNorm running statistics).
-
-    Args:
-        model: a network from ``build_model`` (DDP-wrapped or not).
-        images: uint8 (N, H, W) / (N, H, W, 3) array or tensor, or float (N, C, H, W) in [0, 1].
-        layer: "fc7" (paper Sect. 3.1: the input of the head, i.e. the penultimate layer, after ReLU),
-            "fc6" (the layer before), "pool5" (the input of fc6: the last convolution map, pooled and
-            flattened), or the name of any module of the network (its output, flattened).
-        amp: bf16 autocast (on GPU).
-
-    Returns:
-        (N, d) float32 CPU tensor.
-    """
-    net = unwrap(model)
-    module, take_input = _feature_module(net, layer)
-    device = torch.device(device) if device is not None else next(net.parameters()).device
-    x_all = to_input(images)
-    captured: list[torch.Tensor] = []
-
-    def hook(_mod, inputs, output):
-        captured.append((inputs[0] if take_input else output).flatten(1))
-
-    handle = module.register_forward_hook(hook)
-    was_training = net.training
-    net.eval()
-    out = []
-    try:
-        for start in range(0, len(x_all), batch_size):
-            captured.clear()
-            x = x_all[start : start + batch_size].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                net(x)
-            out.append(captured[0].float().cpu())
-    finally:
-        handle.remove()
-        net.train(was_training)
-    if not out:
-        return torch.zeros((0, 0))
-    return torch.cat(out)
-
-
-def pearson_normalise(feats):
-    """Centre each vector and L2-normalise it, so the inner product is Pearson correlation (paper Sect.
-    2.4: "correlation on the learned feature representation").
-
-    Args:
-        feats: (N, d) numpy array or tensor.
-
-    Returns:
-        (N, d) float32 of the same kind; a constant vector (zero after centring) stays zero.
-    """
-    is_np = isinstance(feats, np.ndarray)
-    x = torch.as_tensor(feats, dtype=torch.float32)
-    x = x - x.mean(dim=1, keepdim=True)
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return x.numpy() if is_np else x
-
-
-def frame_features(model: nn.Module, meta: dict, images, batch_size: int = 256,
-                   device: Optional[torch.device | str] = None) -> np.ndarray:
-    """A trained model's per-frame features φ (paper Sect. 2.5): ``meta["feature_layer"]``, Pearson-normalised.
-
-    The impute stage, ``cliquecnn embed`` and the search service's image queries all go through here, so a
-    frame gets the same φ whichever path computed it. Returns (N, d) float32 numpy.
-    """
-    device = torch.device(device) if device is not None else next(unwrap(model).parameters()).device
-    feats = extract_features(model, images, meta["feature_layer"], batch_size=batch_size, device=device,
-                             amp=device.type == "cuda")
-    return pearson_normalise(feats).numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# Model files: the state_dict plus what it takes to rebuild the network
-
-
-MODEL_KEYS = ("name", "num_classes", "input_size", "in_channels", "feature_layer")
-
-
-def save_model_bytes(model: nn.Module, meta: dict) -> bytes:
-    """Serialise ``{"state_dict", "model": meta}``; meta holds MODEL_KEYS (and may hold more, e.g. the
-    clique id of each head output)."""
-    missing = [k for k in MODEL_KEYS if k not in meta]
-    if missing:
-        raise ValueError(f"save_model_bytes: model config lacks {missing}")
-    buf = io.BytesIO()
-    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    torch.save({"state_dict": state, "model": dict(meta)}, buf)
-    return buf.getvalue()
-
-
-def load_model_bytes(data: bytes, source: str = "") -> tuple[nn.Module, dict]:
-    """Inverse of ``save_model_bytes``: (network in eval mode, meta)."""
-    where = f" ({source})" if source else ""
-    try:
-        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a corrupt file
-        raise ValueError(f"model file{where} cannot be read: {exc}") from exc
-    meta = blob.get("model", {})
-    missing = [k for k in MODEL_KEYS if k not in meta]
-    if missing:
-        raise ValueError(f"model file{where}: model config lacks {missing}")
-    model = build_model(meta["name"], meta["num_classes"], meta["input_size"], meta["in_channels"])
-    model.load_state_dict(blob["state_dict"])
-    model.eval()
-    return model, meta
 
 
 def load_backbone(model: nn.Module, state_dict: dict) -> dict:

@@ -227,8 +227,8 @@ def query_labels_table(
         labels = read_labels(category, labels_dir)
         mapping = None if frame_ids is None else np.asarray(frame_ids[category], dtype=np.int64)
 
-        def to_global(ids: np.ndarray) -> np.ndarray:
-            return mapping[ids] if mapping is not None else ids + labels.offset
+        def to_global(ids: np.ndarray, mapping=mapping, offset=labels.offset) -> np.ndarray:
+            return mapping[ids] if mapping is not None else ids + offset
 
         for a in range(len(labels.anchors)):
             row = labels.ids[a][labels.valid[a]]

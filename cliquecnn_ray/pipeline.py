@@ -11,7 +11,8 @@ from typing import Callable
 
 from . import storage
 from .config import PipelineConfig
-from .rundir import StageDir
+from .lease import hold
+from .rundir import StageDir, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +20,10 @@ log = logging.getLogger(__name__)
 ROUND_STAGES = ("neighbours", "cliques", "batches", "train", "impute")
 ALL_STAGES = ("ingest", "features") + ROUND_STAGES + ("evaluate", "report")
 
-# Built-in data sets a config may name as its only source / as its labels.
-BUILTIN_SOURCES = ("demo", "fashion_mnist")
+# Built-in data sets a config may name as its only source / as its labels ("<name>" = the test split's
+# labels, "<name>_validation" = the validation split's, whose labels come from training images).
+BUILTIN_SOURCES = ("demo", "fashion_mnist", "moving_fashion_mnist")
+DEMO_LABELS = "demo_labels.parquet"
 
 
 def stage_runner(name: str) -> Callable[..., dict]:
@@ -32,32 +35,50 @@ def resolve_builtin_data(cfg: PipelineConfig) -> PipelineConfig:
     from . import datasets
 
     if cfg.sources == ("demo",):
-        cfg = dataclasses.replace(cfg, sources=tuple(datasets.demo_clips()))
-    elif cfg.sources == ("fashion_mnist",):
-        frames_uri, _ = datasets.write_fashion_mnist_sources(storage.join(cfg.run, "sources"))
-        cfg = dataclasses.replace(cfg, sources=(frames_uri,))
-        if cfg.evaluate.labels == "fashion_mnist":
-            labels_uri = storage.join(cfg.run, "sources", "labels.parquet")
-            cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=labels_uri))
+        return dataclasses.replace(cfg, sources=tuple(datasets.demo_clips()))
+    name = cfg.sources[0] if len(cfg.sources) == 1 else None
+    out_dir = storage.join(cfg.run, "sources")
+    if name == "fashion_mnist":
+        frames_uri, _ = datasets.write_fashion_mnist_sources(out_dir)
+    elif name == "moving_fashion_mnist":
+        frames_uri, _ = datasets.write_moving_fashion_mnist_sources(
+            out_dir, cfg.dataset.train_clips, cfg.dataset.test_clips, seed=cfg.seed)
+    else:
+        return cfg
+    cfg = dataclasses.replace(cfg, sources=(frames_uri,))
+    labels = {name: "labels.parquet", f"{name}_validation": datasets.VALIDATION_LABELS}.get(cfg.evaluate.labels)
+    if labels:
+        cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=storage.join(out_dir, labels)))
     return cfg
 
 
-def prepare_labels(cfg: PipelineConfig) -> PipelineConfig:
-    """Labels named "demo" are made from the ingested frames (bikes.mp4 shots etc.), outside any round:
-    no training stage reads them."""
+def prepare_labels(cfg: PipelineConfig, force: bool = False) -> PipelineConfig:
+    """Labels named "demo" are made from the ingested frames (bikes.mp4 shots etc.) as the stage
+    ``round=0/labels``, so a re-ingest rebuilds them; no training stage reads them."""
     if cfg.evaluate.labels != "demo":
         return cfg
     from . import datasets
 
-    uri = storage.join(cfg.run, "labels", "demo_labels.parquet")
-    if not storage.exists(uri):
-        frames = StageDir(cfg.run, 0, "frames").read_table(columns=["frame_id", "video_id", "frame_index"])
-        storage.write_parquet(datasets.demo_labels(frames), uri)
-    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=uri))
+    frames = StageDir(cfg.run, 0, "frames")
+    out = StageDir(cfg.run, 0, "labels")
+
+    def compute(attempt_uri: str) -> dict:
+        table = datasets.demo_labels(frames.read_table(columns=["frame_id", "video_id", "frame_index"]))
+        storage.write_parquet(table, storage.join(attempt_uri, DEMO_LABELS))
+        return {"rows": table.num_rows}
+
+    run_stage(out, {"labels": "demo"}, {"frames": frames.fingerprint()}, compute, force=force)
+    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=out.file(DEMO_LABELS)))
 
 
-def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
-    """Run (or resume) the whole pipeline; returns the per-stage records and per-round metrics."""
+def run_pipeline(cfg: PipelineConfig, force: bool = False, break_lock: bool = False) -> dict:
+    """Run (or resume) the whole pipeline, holding the run's lease throughout (``break_lock`` takes it from
+    another holder); returns the per-stage records and per-round metrics."""
+    with hold(cfg.run, break_lock=break_lock):
+        return _run_pipeline(cfg, force)
+
+
+def _run_pipeline(cfg: PipelineConfig, force: bool) -> dict:
     started = time.time()
     cfg = resolve_builtin_data(cfg)
     timings: dict[str, float] = {}
@@ -71,7 +92,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
         return record
 
     step("ingest")
-    cfg = prepare_labels(cfg)
+    cfg = prepare_labels(cfg, force)
     step("features")
     evaluations = []
 

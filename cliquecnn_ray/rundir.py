@@ -9,7 +9,6 @@ and an earlier committed output stays readable until a new attempt commits. A st
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -20,8 +19,8 @@ from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
-from . import storage
-from .config import config_hash, to_dict
+from . import lease, storage
+from .config import config_hash, hashed_view
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +36,13 @@ class StageDir:
     """Where one stage of one round lives inside a run."""
 
     run: str
-    round: int
+    round: Optional[int]  # None: a stage of the whole run (the report), at <run>/<stage>
     stage: str
 
     @property
     def uri(self) -> str:
+        if self.round is None:
+            return storage.join(self.run, self.stage)
         return storage.join(self.run, f"round={self.round}", self.stage)
 
     @property
@@ -49,7 +50,7 @@ class StageDir:
         return storage.join(self.uri, SUCCESS)
 
     def __str__(self) -> str:
-        return f"round {self.round} {self.stage}"
+        return self.stage if self.round is None else f"round {self.round} {self.stage}"
 
     def record(self) -> Optional[dict]:
         """The committed ``_SUCCESS.json``, or None when the stage has not been committed."""
@@ -84,6 +85,22 @@ class StageDir:
     def fingerprint(self) -> str:
         return self.require()["fingerprint"]
 
+    def verify(self, record: dict) -> Optional[str]:
+        """Why the committed files are not what ``record`` says (missing, truncated, altered), or None."""
+        expected = record.get("files")
+        if not isinstance(expected, dict):
+            return "the record has no checksums (written by an older version)"
+        found = storage.digests(storage.join(self.uri, record["attempt"]))
+        for name, want in expected.items():
+            got = found.get(name)
+            if got is None:
+                return f"committed file {name} is missing"
+            if got["size"] != want["size"]:
+                return f"committed file {name} has {got['size']} bytes, its record says {want['size']}"
+            if got != want:
+                return f"committed file {name} was altered (its checksum differs from the record's)"
+        return None
+
 
 def source_fingerprint(uri: str) -> str:
     """Fingerprint of an external input (file or folder): paths, sizes and modification times."""
@@ -114,40 +131,55 @@ def run_stage(
     compute: Callable[[str], dict],
     force: bool = False,
 ) -> dict:
-    """Run ``compute(attempt_uri) -> stats`` unless ``out`` is committed for the same config and inputs.
+    """Run ``compute(attempt_uri) -> stats`` unless ``out`` is committed for the same config and inputs
+    and its files are still what its record says.
 
-    ``inputs`` maps input names to fingerprints (``StageDir.fingerprint()`` or ``source_fingerprint``).
-    ``compute`` writes its files under ``attempt_uri`` and returns a JSON-able dict of statistics
-    (``rows`` by convention). Returns the committed record (with ``skipped`` True when nothing ran).
+    ``config`` is a config dataclass or a dict that may hold dataclasses; only the fields that change
+    results enter its hash (``config.hashed_view``). ``inputs`` maps input names to fingerprints
+    (``StageDir.fingerprint()`` or ``source_fingerprint``). ``compute`` writes its files under
+    ``attempt_uri`` and returns a JSON-able dict of statistics (``rows`` by convention). The run's lease is
+    held throughout (re-entered when the caller holds it). Returns the committed record (with ``skipped``
+    True when nothing ran).
     """
-    config_dict = to_dict(config) if dataclasses.is_dataclass(config) else dict(config)
+    config_dict = hashed_view(config)
     chash = config_hash(config_dict)
-    previous = out.record()
-    if previous and not force:
-        if previous["config_hash"] == chash and previous["inputs"] == inputs:
-            log.info("%s: committed output matches config and inputs, skipped", out)
-            return {**previous, "skipped": True}
-        changed = _diff_keys(previous.get("config", {}), config_dict)
-        changed_inputs = sorted(k for k in set(previous["inputs"]) | set(inputs)
-                                if previous["inputs"].get(k) != inputs.get(k))
-        log.warning(
-            "%s: committed output was made with other %s; recomputing",
-            out,
-            "; ".join(
-                part
-                for part in (
-                    f"config ({', '.join(changed)})" if changed else "",
-                    f"inputs ({', '.join(changed_inputs)})" if changed_inputs else "",
-                )
-                if part
-            ) or "settings",
-        )
+    with lease.hold(out.run):
+        previous = out.record()
+        if previous and not force:
+            reason = _changed(previous, config_dict, chash, inputs) or out.verify(previous)
+            if reason is None:
+                log.info("%s: committed output matches config and inputs, skipped", out)
+                return {**previous, "skipped": True}
+            log.warning("%s: %s; recomputing", out, reason)
+        return _commit(out, config_dict, chash, inputs, compute, previous)
+
+
+def _changed(previous: dict, config_dict: dict, chash: str, inputs: dict) -> Optional[str]:
+    """Why a committed record does not match this config and these inputs (None when it does)."""
+    if previous.get("config_hash") == chash and previous.get("inputs") == inputs:
+        return None
+    changed = _diff_keys(previous.get("config", {}), config_dict)
+    changed_inputs = sorted(k for k in set(previous.get("inputs", {})) | set(inputs)
+                            if previous.get("inputs", {}).get(k) != inputs.get(k))
+    parts = [f"config ({', '.join(changed)})" if changed else "",
+             f"inputs ({', '.join(changed_inputs)})" if changed_inputs else ""]
+    return "committed output was made with other " + ("; ".join(p for p in parts if p) or "settings")
+
+
+def matches(record: dict, config: Any, inputs: dict[str, str]) -> bool:
+    """Whether a committed record was made with this config and these inputs (its files unchecked)."""
+    return _changed(record, hashed_view(config), config_hash(config), inputs) is None
+
+
+def _commit(out: StageDir, config_dict: dict, chash: str, inputs: dict, compute: Callable[[str], dict],
+            previous: Optional[dict]) -> dict:
     attempt = f"attempt-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     attempt_uri = storage.join(out.uri, attempt)
     started = time.time()
     log.info("%s: running", out)
     try:
         stats = compute(attempt_uri) or {}
+        files = storage.digests(attempt_uri)  # also fsyncs them (local): durable before the record names them
     except BaseException:
         # The failed attempt is removed; the previously committed one (if any) stays readable.
         try:
@@ -156,16 +188,16 @@ def run_stage(
             log.warning("%s: could not remove the failed attempt %s", out, attempt_uri)
         raise
     seconds = time.time() - started
-    prefix_len = len(storage.resolve(attempt_uri)[1]) + 1
-    files = [storage.resolve(f)[1][prefix_len:] for f in storage.list_files(attempt_uri)]
+    # The attempt id enters the fingerprint: a recomputed stage (--force) invalidates every stage
+    # downstream even when its files come out byte for byte the same.
     fingerprint = hashlib.sha256(
-        json.dumps([chash, inputs, files, stats.get("rows")], sort_keys=True, default=str).encode()
+        json.dumps([chash, inputs, attempt, files], sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
     record = {
         "stage": out.stage,
         "round": out.round,
         "attempt": attempt,
-        "files": files,
+        "files": dict(sorted(files.items())),
         "config_hash": chash,
         "config": config_dict,
         "inputs": inputs,
@@ -174,26 +206,13 @@ def run_stage(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "stats": stats,
     }
+    lease.check(out.run)  # a driver whose lease was broken or expired must not commit over the new holder
     storage.write_json(out.success_uri, record)  # the commit
-    for old in storage.list_files(out.uri):
-        rel = storage.resolve(old)[1][len(storage.resolve(out.uri)[1]) + 1 :]
-        if rel.startswith("attempt-") and not rel.startswith(attempt + "/"):
-            storage.delete(old)
-    _remove_empty_attempt_dirs(out, keep=attempt)
+    if previous and previous.get("attempt") not in (None, attempt):
+        # Only the attempt this commit supersedes: any other attempt-* is not this driver's to remove.
+        storage.delete(storage.join(out.uri, previous["attempt"]))
     log.info("%s: committed in %.1f s (%s)", out, seconds, _short(stats))
     return {**record, "skipped": False}
-
-
-def _remove_empty_attempt_dirs(out: StageDir, keep: str) -> None:
-    fs, path = storage.resolve(out.uri)
-    import pyarrow.fs as pafs
-
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        name = info.path.rsplit("/", 1)[-1]
-        if info.type == pafs.FileType.Directory and name.startswith("attempt-") and name != keep:
-            fs.delete_dir(info.path)
-
-
 def _short(stats: dict) -> str:
     items = [f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40]
     return ", ".join(items[:6])

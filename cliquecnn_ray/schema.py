@@ -171,7 +171,8 @@ def features_to_table(frame_ids: np.ndarray, features: np.ndarray) -> pa.Table:
     n, d = features.shape
     flat = pa.array(features.reshape(-1), type=pa.float32())
     return pa.table(
-        {FRAME_ID: pa.array(np.asarray(frame_ids, dtype=np.int64)), FEATURE: pa.FixedSizeListArray.from_arrays(flat, d)},
+        {FRAME_ID: pa.array(np.asarray(frame_ids, dtype=np.int64)),
+         FEATURE: pa.FixedSizeListArray.from_arrays(flat, d)},
         schema=features_schema(d),
     )
 
@@ -205,3 +206,56 @@ def table_to_features(table: pa.Table, source: str = "") -> tuple[np.ndarray, np
         raise SchemaError(f"features table{where}: column '{FEATURE}' is NaN or infinite for frame_id {ids[bad]}")
     order = np.argsort(ids, kind="stable")
     return ids[order], feats[order]
+
+
+# Clique similarity S' (a cliques stage's clique_similarity.arrow): one row per clique, its row of its
+# category's S' over that category's cliques in ascending clique_id order.
+SIMILARITY = "similarity"
+CLIQUE_SIMILARITY = pa.schema(
+    [
+        pa.field(CATEGORY, pa.string(), nullable=False),
+        pa.field(CLIQUE_ID, pa.int32(), nullable=False),
+        pa.field(SIMILARITY, pa.list_(pa.float32())),
+    ]
+)
+
+
+def clique_similarity_from_table(table: pa.Table, source: str = "") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The clique-similarity table → {category: (clique_ids (K,), S' (K, K) float32)}; checks shapes."""
+    table = check_columns(table, CLIQUE_SIMILARITY, "clique_similarity", source)
+    categories = np.asarray(table.column(CATEGORY).to_pylist(), dtype=object)
+    ids = table.column(CLIQUE_ID).to_numpy()
+    lengths = pc.list_value_length(table.column(SIMILARITY)).to_numpy(zero_copy_only=False)
+    values = table.column(SIMILARITY).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    out = {}
+    for cat in sorted(set(categories.tolist())):
+        rows = np.flatnonzero(categories == cat)
+        rows = rows[np.argsort(ids[rows], kind="stable")]
+        k = len(rows)
+        bad = rows[lengths[rows] != k]
+        if len(bad):
+            raise SchemaError(
+                f"clique_similarity table ({source}): column '{SIMILARITY}' of clique_id {ids[bad[0]]} "
+                f"(category {cat!r}) has {lengths[bad[0]]} values, expected {k} (the category's cliques)"
+            )
+        sim = np.stack([values[offsets[r] : offsets[r + 1]] for r in rows]).astype(np.float32)
+        out[cat] = (ids[rows].astype(np.int32), sim)
+    return out
+
+
+def clique_similarity_to_table(blocks: list[tuple[str, np.ndarray, np.ndarray]]) -> pa.Table:
+    """[(category, clique_ids (K,), S' (K, K))] → the clique-similarity table (one row per clique)."""
+    cats, ids, rows = [], [], []
+    for cat, cids, sim in blocks:
+        cats += [cat] * len(cids)
+        ids.append(np.asarray(cids, dtype=np.int32))
+        rows += [np.asarray(r, dtype=np.float32) for r in sim]
+    return pa.table(
+        {
+            CATEGORY: pa.array(cats, pa.string()),
+            CLIQUE_ID: pa.array(np.concatenate(ids) if ids else np.zeros(0, np.int32), pa.int32()),
+            SIMILARITY: pa.array(rows, pa.list_(pa.float32())),
+        },
+        schema=CLIQUE_SIMILARITY,
+    )

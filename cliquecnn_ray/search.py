@@ -162,8 +162,8 @@ def query_features(model, meta: dict, images: list[bytes], ltp_p: int, device=No
     """Encoded query images → (m, d) features comparable with the round's: the model's Pearson-normalised φ
     (``network.frame_features``, as impute), then LTP with each image a video of one frame (its window is
     φ repeated 2p + 1 times, unit-norm like every database feature)."""
+    from .cnn_features import frame_features
     from .hog import decode_images
-    from .network import frame_features
     from .similarity import ltp_stack
 
     pixels = decode_images(list(images), size=meta["input_size"], grey=meta["in_channels"] == 1)

@@ -25,7 +25,7 @@ from ray import serve
 
 from . import raysetup, search
 from .config import ConfigError, PipelineConfig, to_dict
-from .frame_sources import absolute_uri
+from .storage import absolute_uri
 from .search import QueryError
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class Embedder:
         import torch
 
         from . import storage
-        from .network import load_model_bytes
+        from .model_file import load_model_bytes
 
         self.model, self.meta = load_model_bytes(storage.read_bytes(model_uri), source=model_uri)
         self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")

@@ -25,6 +25,19 @@ import torch
 from . import schema
 
 
+def pearson_normalise(features: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """(N, d) → (N, d) float32 of the same kind (numpy or torch), each vector minus its own mean over d,
+    then L2-normalised: φ_i·φ_j is then the Pearson correlation of the raw vectors (paper Sect. 2.4:
+    "correlation on the learned feature representation"). A constant vector becomes 0 (its correlation is
+    undefined)."""
+    is_tensor = isinstance(features, torch.Tensor)
+    x = torch.as_tensor(features if is_tensor else np.asarray(features), dtype=torch.float64)
+    x = x - x.mean(dim=1, keepdim=True)
+    norm = x.norm(dim=1, keepdim=True)
+    x = torch.where(norm > 1e-12, x / norm.clamp_min(1e-12), torch.zeros_like(x)).to(torch.float32)
+    return x if is_tensor else x.numpy()
+
+
 def similarity_tile(rows: np.ndarray | torch.Tensor, cols: np.ndarray | torch.Tensor) -> torch.Tensor:
     """One tile of similarities: (R, d) × (C, d) → (R, C) = rows @ colsᵀ, fp32 (one GEMM)."""
     rows = torch.as_tensor(rows, dtype=torch.float32)
@@ -154,17 +167,17 @@ def merge_extremes(a: Extremes, b: Extremes, k: int) -> Extremes:
 # entry: an element better than the running k-th lies in a group whose max beats it, and the k groups with
 # the best maxima hold the k best elements. The chosen groups' values are screened the same way once more
 # in sub-groups of SUBGROUP, and only the k best sub-groups are ranked. So each side reads the whole tile
-# once at memory speed, then ranks ~C/32 + 4k + 8k values per row instead of C (measured on this project's
-# CPU, 1 thread, d = 512: torch.topk over a whole tile costs ~1/4 of its GEMM per side, this update ~1/13).
-GROUP = 32  # columns per group: a max over 32 contiguous floats vectorises well (16 is 4× slower here)
+# once at memory speed, then ranks ~C/32 + 4k + 8k values per row instead of C: far cheaper than torch.topk
+# over the whole tile (the engine's cost against its GEMM: benchmarks/results/similarity_engine.json, gemm_ratio).
+GROUP = 32  # columns per group: a max over 32 contiguous floats vectorises well (smaller groups are slower)
 SUBGROUP = 8  # second screen: 4k sub-group maxima and 8k values ranked instead of 32k values
 
 
 @contextlib.contextmanager
 def _one_thread():
     """Run the selection on one CPU thread, the GEMM on all. The selection is many small ops on (R, ≤k·GROUP)
-    arrays; each multi-threaded op pays an OpenMP wake-up, which on a busy 2-core machine measured ~5 ms
-    (an add on 1024×50 floats: 7.5 ms on 2 threads, 5 µs on one). Process-wide; restored on exit."""
+    arrays; each multi-threaded op pays an OpenMP wake-up, which on a busy machine costs far more than the
+    op itself. Process-wide; restored on exit."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield
@@ -183,7 +196,7 @@ def _choose(values: torch.Tensor, m: int, largest: bool) -> torch.Tensor:
 
 def _gather_groups(groups3: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """groups3 (R, G, S) contiguous, chosen (R, m) group indices → (R, m, S) their values (one memcpy-like
-    index_select over rows of S floats; advanced indexing / gather are ~15× slower on CPU)."""
+    index_select over rows of S floats; advanced indexing / gather are much slower on CPU)."""
     r, n_groups, size = groups3.shape
     rows = torch.arange(r, device=chosen.device).unsqueeze(1) * n_groups
     return groups3.reshape(r * n_groups, size).index_select(0, (chosen + rows).reshape(-1)).view(r, -1, size)

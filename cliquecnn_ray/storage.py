@@ -5,6 +5,8 @@ usual ``AWS_*`` credential variables. Everything that reads or writes run data g
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
 import os
@@ -22,6 +24,12 @@ class StorageError(IOError):
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
+
+
+def absolute_uri(uri: str) -> str:
+    """An s3:// URI as is; a local path made absolute (Ray workers run in other working directories)."""
+    uri = str(uri)
+    return uri if is_s3(uri) else os.path.abspath(uri)
 
 
 def join(base: str, *parts: str) -> str:
@@ -139,9 +147,68 @@ def write_bytes(uri: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
     except OSError as exc:
         raise _wrap(uri, exc, "write") from exc
+
+
+def fsync_dir(path: str) -> None:
+    """Make a local directory's entries (new names, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client_for(endpoint: Optional[str], timeout: float):
+    import boto3
+    import botocore.config
+
+    return boto3.client("s3", endpoint_url=endpoint, config=botocore.config.Config(
+        connect_timeout=timeout, read_timeout=timeout * 2, retries={"total_max_attempts": 2}))
+
+
+def s3_client():
+    """A boto3 S3 client for what pyarrow's filesystem cannot do (ETags, conditional writes), with the
+    same endpoint and fail-fast timeouts; built once per endpoint (building one takes a while)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    return _s3_client_for(endpoint, float(os.environ.get("CLIQUECNN_S3_CONNECT_TIMEOUT", "5")))
+
+
+def digests(uri: str) -> dict[str, dict]:
+    """Every file under a directory URI, by its path relative to it: ``{"size", "sha256"}`` on local disk
+    (each file is also fsynced, so what a record names is durable before the record is written), the
+    store's ``{"size", "etag"}`` on S3 (one listing, no download)."""
+    fs, root = resolve(uri)
+    out: dict[str, dict] = {}
+    try:
+        if is_s3(uri):
+            bucket, _, prefix = root.partition("/")
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    if obj["Key"].endswith("/"):
+                        continue  # a directory marker
+                    out[obj["Key"][len(prefix) + 1:]] = {"size": obj["Size"], "etag": obj["ETag"].strip('"')}
+            return out
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                sha = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        sha.update(chunk)
+                    os.fsync(fh.fileno())
+                out[os.path.relpath(path, root)] = {"size": os.path.getsize(path), "sha256": sha.hexdigest()}
+            fsync_dir(dirpath)
+    except Exception as exc:  # noqa: BLE001 (OSError locally, botocore's errors on S3)
+        raise _wrap(uri, exc, "checksum the files under") from exc
+    return out
 
 
 def read_json(uri: str) -> Any:

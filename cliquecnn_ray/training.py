@@ -9,13 +9,14 @@ distant, so no two cliques of one step are near-duplicates with different labels
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import PipelineConfig
 from .network import head_name, unwrap
 
 ADAGRAD_EPS = 1e-4  # paper Sect. 3.1: AdaGrad "smoothing term of 0.0001"
@@ -230,8 +231,7 @@ class HeadWarmup:
     """A round that starts from trained weights first trains only its new, randomly initialised head: the
     first ``steps`` steps update the optimiser's param group 1 (the head) at ``lr`` and leave group 0 (the
     backbone) untouched; then both groups train at ``base_lr``. Without it the random head's gradients
-    scramble the backbone: on Fashion-MNIST round 2, pool5 AUC fell 0.870 → 0.831 in 200 steps; after
-    100 head-only steps it rose to 0.877."""
+    scramble the backbone and the new round starts by losing what the previous one learned."""
 
     steps: int
     lr: float
@@ -289,6 +289,7 @@ def run_steps(
     augment_params: Optional[AugmentParams] = AugmentParams(),
     amp: bool = False,
     head_warmup: Optional[HeadWarmup] = None,
+    on_step: Optional[Callable[[float], None]] = None,
 ) -> list[float]:
     """Steps ``start .. stop−1``: draw (sampler), augment, step; every random choice of step t is seeded
     by (sampler seed, t, rank), so the steps are reproducible one by one.
@@ -298,6 +299,7 @@ def run_steps(
             device; each step moves only its M images).
         augment_params: None turns augmentation off.
         head_warmup: head-only first steps (the optimiser must have ``head_param_groups``' two groups).
+        on_step: called with each step's loss (progress display).
 
     Returns:
         the loss of each step.
@@ -323,6 +325,8 @@ def run_steps(
             train_step(model, optimizer, x, torch.from_numpy(targets), torch.from_numpy(batch_cliques), amp=amp,
                        frozen=frozen)
         )
+        if on_step is not None:
+            on_step(losses[-1])
     return losses
 
 
@@ -338,3 +342,38 @@ def log_windows(losses: Sequence[float], every: int, offset: int = 0) -> list[li
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed from several integers (e.g. run seed, stage seed, round)."""
     return int(np.random.default_rng([int(p) for p in parts]).integers(2**31 - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Round policy: how long and how fast each round trains
+
+
+def round_steps(cfg: PipelineConfig, round_index: int) -> int:
+    """The SGD steps of round ``round_index``: train.round_steps[round_index] where listed, else train.steps.
+    Paper Sect. 2.6: once the similarities are more reliable, fewer batches cover the data, so a later
+    round may need fewer steps than the first, which starts from HOG-LDA."""
+    listed = cfg.train.round_steps
+    steps = int(listed[round_index]) if round_index < len(listed) else cfg.train.steps
+    if steps < 1:
+        raise ValueError(f"train.round_steps / train.steps: round {round_index} has {steps} steps, need at least 1")
+    return steps
+
+
+def total_steps(cfg: PipelineConfig) -> int:
+    """All rounds' steps: the training budget a baseline gets to be compared at the same cost."""
+    return sum(round_steps(cfg, r) for r in range(cfg.rounds))
+
+
+def round_lr(cfg: PipelineConfig, round_index: int) -> float:
+    """The learning rate of round ``round_index``: lr · lr_round_decay^round_index. Each round builds a new
+    optimiser (AdaGrad's accumulators start at zero, so its first steps are the largest) on the previous
+    round's weights; a decay keeps those steps from undoing what the earlier rounds learned."""
+    return cfg.train.lr * cfg.train.lr_round_decay ** round_index
+
+
+def augment_params(cfg: PipelineConfig) -> Optional[AugmentParams]:
+    """The configured augmentation (train.aug_*), or None when train.augment is off."""
+    t = cfg.train
+    if not t.augment:
+        return None
+    return AugmentParams(rotate=t.aug_rotate, translate=t.aug_translate, scale=t.aug_scale, colour=t.aug_colour)

@@ -1,6 +1,7 @@
 """The main job: the whole CliqueCNN pipeline on an embedded local Ray, or on a cluster.
 
     python jobs/train.py --config configs/demo.yaml                        # laptop: embedded Ray
+    python jobs/train.py --config demo                                     # the same config, shipped in the package
     ray submit cluster.yaml jobs/train.py -- --config configs/fashion_mnist.yaml run=s3://bucket/run
     RAY_ADDRESS=http://head:8265 python jobs/train.py --config ...          # an existing cluster
 
@@ -29,7 +30,7 @@ def main() -> None:
     # Without an address, ray.init() joins a Ray started on this machine (the head under `ray submit`),
     # else starts an embedded one.
     raysetup.init_ray(address=args.address)
-    summary = run_pipeline(cfg, force=args.force)
+    summary = run_pipeline(cfg, force=args.force, break_lock=args.break_lock)
     print(json.dumps({k: v for k, v in summary.items() if k != "records"}, indent=2))
 
 

@@ -12,7 +12,7 @@ from cliquecnn_ray import raysetup
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """An embedded local Ray shared by every test that asks for it (startup costs ~3 s)."""
+    """An embedded local Ray shared by every test that asks for it (its start-up costs seconds)."""
     import ray
 
     raysetup.setup_logging()

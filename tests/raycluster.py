@@ -22,7 +22,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 REPO = Path(__file__).resolve().parent.parent
@@ -116,7 +115,11 @@ class Node:
 class LocalCluster:
     """``head_cpus`` on the head, then ``add_worker(cpus)`` per worker node; ``stop()`` in a finally."""
 
-    def __init__(self, head_cpus: int = 1, object_store_mb: int = 300, head_env: Optional[dict] = None):
+    def __init__(self, head_cpus: int = 1, object_store_mb: int = 300, head_env: Optional[dict] = None,
+                 node_env: Optional[dict] = None):
+        """``head_env``: extra environment of the head's processes; ``node_env``: of every node's (a value of
+        None removes the variable, e.g. credentials the nodes must not have)."""
+        self.node_env = dict(node_env or {})
         # A short path: Ray's Unix sockets live under it and must stay below ~100 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="ccr", dir="/tmp")
         self.gcs_port = free_port()
@@ -148,8 +151,9 @@ class LocalCluster:
         else:
             args.append(f"--address={self.gcs_address}")
         log = Path(self.temp_dir) / f"node{len(self.nodes)}.log"
+        env = {k: v for k, v in {**_env(), **self.node_env, **(env or {})}.items() if v is not None}  # None: unset
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**_env(), **(env or {})},
+            proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                     cwd=self.temp_dir, start_new_session=True)
         node = Node(proc, log, head)
         self.nodes.append(node)
@@ -174,6 +178,10 @@ class LocalCluster:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"node did not join in {timeout:.0f} s: {node.log.read_text()[-3000:]}")
+
+    def session_logs(self) -> Path:
+        """The Ray session's log folder (every node writes under the head's temp dir on this one host)."""
+        return Path(self.temp_dir) / "session_latest" / "logs"
 
     def kill_raylet(self, node: Node) -> int:
         """SIGKILL the node's raylet: the node dies as on a lost machine (its workers die with it)."""

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from cliquecnn_ray import network, rundir, schema, storage
+from cliquecnn_ray import model_file, network, rundir, schema, storage
 
 SIZE = 24  # the tiny test models' input side
 
@@ -87,7 +87,7 @@ def committed_model(run: str, round_: int = 0, in_channels: int = 1, layer: str 
             "feature_layer": layer}
 
     def write(attempt_uri: str) -> dict:
-        storage.write_bytes(storage.join(attempt_uri, "model.pt"), network.save_model_bytes(net, meta))
+        storage.write_bytes(storage.join(attempt_uri, "model.pt"), model_file.save_model_bytes(net, meta))
         return {"rows": 6}
 
     rundir.run_stage(rundir.StageDir(run, round_, "model"), {"test": layer}, {}, write, force=True)

@@ -9,7 +9,7 @@ from cliquecnn_ray import ann
 from tests.synthetic import clustered_features
 
 
-def test_exact_equals_brute_force():
+def test_exact_equals_brute_force(monkeypatch):
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(300, 8)).astype(np.float32)
     queries = rng.normal(size=(7, 8)).astype(np.float32)
@@ -18,6 +18,8 @@ def test_exact_equals_brute_force():
     expected = np.argsort(-full, axis=1, kind="stable")[:, :10]
     np.testing.assert_array_equal(rows, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(full, expected, 1), rtol=1e-6)
+    monkeypatch.setattr(ann, "BLOCK_BYTES", 4 * 300 * 2)  # blocks of two queries: the same answer
+    np.testing.assert_array_equal(ann.build_index(feats).search(queries, 10)[1], expected)
     # More than n asked: padded with row −1, score −inf.
     scores, rows = ann.build_index(feats[:3]).search(queries[:2], 5)
     assert rows.shape == (2, 5) and (rows[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 from cliquecnn_ray import baselines, schema, storage
-from cliquecnn_ray.network import load_model_bytes
+from cliquecnn_ray.model_file import load_model_bytes
 from cliquecnn_ray.pipeline import run_pipeline
 from cliquecnn_ray.rundir import StageDir
-from cliquecnn_ray.stages.train import total_steps
+from cliquecnn_ray.training import total_steps
 from tests.test_pipeline import tiny_config
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cliquecnn_ray import cccp
-from cliquecnn_ray import figures, rundir, schema, storage
+from cliquecnn_ray import cccp, figures, rundir, schema, storage
 from cliquecnn_ray.config import load_config
+from cliquecnn_ray.stage_outputs import write_clique_similarity
 from cliquecnn_ray.stages import batches as stage
-from cliquecnn_ray.stages.cliques import CLIQUES_FILE, SIMILARITY_FILE, similarity_to_table
+from cliquecnn_ray.stages.cliques import CLIQUES_FILE
 from tests.synthetic import class_images, commit_table, frames_table
 
 # ---------------------------------------------------------------------------------------------
@@ -271,14 +271,10 @@ def _commit_cliques(run, blocks):
         },
         schema=schema.CLIQUES,
     )
-    sim = similarity_to_table([(b[0], b[1], b[3]) for b in blocks])
 
     def write(attempt):
         storage.write_parquet(table, storage.join(attempt, CLIQUES_FILE))
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, sim.schema) as writer:
-            writer.write_table(sim)
-        storage.write_bytes(storage.join(attempt, SIMILARITY_FILE), sink.getvalue().to_pybytes())
+        write_clique_similarity([(b[0], b[1], b[3]) for b in blocks], attempt)
         return {"rows": table.num_rows}
 
     out = rundir.StageDir(run, 0, "cliques")

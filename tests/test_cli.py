@@ -56,3 +56,46 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
     code = cli.main(["cliques", "--run", str(tmp_path / "empty-run"), "-q"])
     err = capsys.readouterr().err
     assert code == 1 and "has no committed output" in err and "Traceback" not in err
+
+
+def test_bad_value_is_refused_before_work_naming_the_key(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["neighbours", "--run", "r", "neighbours.k=0"])
+    assert exc.value.code == 2 and "neighbours.k" in capsys.readouterr().err
+
+
+def test_a_stages_value_error_is_one_line(tmp_path, capsys):
+    code = cli.main(["evaluate", "--run", str(tmp_path / "run"), "--ltp", "-1", "--labels", "x.parquet", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and "ltp_p must be" in err and "Traceback" not in err
+
+
+def test_a_second_driver_is_one_line_naming_the_holder(tmp_path, capsys):
+    from cliquecnn_ray import lease
+
+    run = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cliquecnn_ray import lease\n"
+                               "with lease.hold(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
+                               run], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = cli.main(["cliques", "--run", run, "-q"])
+        err = capsys.readouterr().err
+        assert code == 1 and f"pid {holder.pid}" in err and "--break-lock" in err and "Traceback" not in err
+        # --break-lock takes it over; the command then meets its real problem (nothing committed yet)
+        code = cli.main(["cliques", "--run", run, "--break-lock", "-q"])
+        assert code == 1 and "has no committed output" in capsys.readouterr().err
+        assert lease._held == {}
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_bare_config_name_is_the_packaged_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: only the package's copy can answer
+    assert {"demo", "fashion_mnist"} <= set(cli.packaged_configs())
+    args = cli.parse_args(cli.build_parser(), ["pipeline", "--config", "demo", "rounds=1"])
+    cfg = cli.config_from_args(args)
+    assert cfg.sources == ("demo",) and cfg.rounds == 1 and cfg.train.steps == 60
+    (tmp_path / "demo").write_text("rounds: 3\n")  # a file of that name here wins: paths keep their meaning
+    assert cli.config_from_args(cli.parse_args(cli.build_parser(), ["pipeline", "--config", "demo"])).rounds == 3

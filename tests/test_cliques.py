@@ -7,11 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cliquecnn_ray import linkage
-from cliquecnn_ray import schema
+from cliquecnn_ray import linkage, schema, stage_outputs
 from cliquecnn_ray.config import CliquesConfig, PipelineConfig
-from cliquecnn_ray.similarity import exact_extremes, extremes_to_table
 from cliquecnn_ray.rundir import StageDir
+from cliquecnn_ray.similarity import exact_extremes, extremes_to_table
 from cliquecnn_ray.stages import cliques as stage
 from tests import synthetic
 
@@ -145,10 +144,12 @@ def test_merge_respects_max_size_and_the_cut():
     feats, _ = synthetic.clustered_features(n_clusters=1, per_cluster=20, d=32, noise=0.3, seed=5)
     videos = np.arange(20)
     halves = [np.arange(0, 12), np.arange(8, 20)]
-    assert len(linkage.merge_cliques(halves, feats, videos, CliquesConfig(min_sim=-1, max_size=16, max_per_video=0))[0]) == 2
+    loose = CliquesConfig(min_sim=-1, max_size=16, max_per_video=0)
+    assert len(linkage.merge_cliques(halves, feats, videos, loose)[0]) == 2
     sims = feats.astype(np.float64) @ feats.T
     above = float(sims.min()) + 0.01  # a cut just above the least similar pair of the union
-    assert len(linkage.merge_cliques(halves, feats, videos, CliquesConfig(min_sim=above, max_size=0, max_per_video=0))[0]) == 2
+    strict = CliquesConfig(min_sim=above, max_size=0, max_per_video=0)
+    assert len(linkage.merge_cliques(halves, feats, videos, strict)[0]) == 2
     assert len(linkage.merge_cliques(halves, feats, videos, CliquesConfig(min_sim=above - 0.02, max_size=0,
                                                                     max_per_video=0))[0]) == 1
 
@@ -320,7 +321,7 @@ def test_stage_end_to_end(ray_session, tmp_path):
         ref, ref_comp, ref_sim = linkage.build_cliques(ext.nn_ids, feats[local], vcodes, cc, category=cat)
         assert [local[r].tolist() for r in ref] == [f.tolist() for f in frame_lists[offset : offset + 5]]
         assert np.allclose(ref_comp, comp[offset : offset + 5], atol=1e-6)
-        sim_ids, sim = stage.read_clique_similarity(StageDir(run, 0, "cliques"))[cat]
+        sim_ids, sim = stage_outputs.read_clique_similarity(StageDir(run, 0, "cliques"))[cat]
         assert sim_ids.tolist() == list(range(offset, offset + 5)) and sim.dtype == np.float32
         assert np.allclose(sim, ref_sim, atol=1e-6)
         assert np.allclose(sim, linkage.clique_similarity(frame_lists[offset : offset + 5], feats), atol=1e-5)

@@ -10,6 +10,8 @@ The AWS bootstrap runs offline against moto's in-process mock of EC2 and IAM.
 from __future__ import annotations
 
 import copy
+import ipaddress
+import json
 import os
 import posixpath
 import random
@@ -83,6 +85,31 @@ def test_setup_installs_this_project_with_the_pinned_ray(cfg):
     assert cluster_pins == pyproject_pins == {ray.__version__}
 
 
+def test_closed_cluster_ssh_from_one_cidr_dashboard_on_localhost_s3_on_the_run_bucket(cfg):
+    text = (ROOT / "cluster.yaml").read_text()
+    # Every node in one group the user made: left to Ray, each would get one admitting SSH from 0.0.0.0/0.
+    groups = {name: tuple(t["node_config"].get("SecurityGroupIds") or ()) for name, t in
+              cfg["available_node_types"].items()}
+    assert all(groups.values()) and len(set(groups.values())) == 1, groups
+    # The group's one SSH rule admits the one CIDR the user sets (a CHANGE line), not the world.
+    (cidr,) = re.findall(r"--port 22 .*\n?#?\s*--cidr (\S+)\s+# CHANGE", text)
+    assert ipaddress.ip_network(cidr).num_addresses < 2**8, cidr
+    assert "0.0.0.0" not in text
+    # The dashboard and job API listen on the head's loopback only (`ray dashboard cluster.yaml` forwards it);
+    # token authentication is not switched off.
+    starts = "\n".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in starts and "RAY_AUTH_MODE=disabled" not in text
+    # Workers carry an instance profile; its documented policy grants S3 on the run bucket and nothing more.
+    for name, node_type in worker_types(cfg).items():
+        assert node_type["node_config"]["IamInstanceProfile"]["Name"], name
+    block = re.search(r'^#\s+(\{"Version".*?\]\})$', text, re.M | re.S).group(1)
+    policy = json.loads(re.sub(r"^#\s*", "", block, flags=re.M))
+    resources = {r for statement in policy["Statement"] for r in [statement["Resource"]]}
+    assert resources == {"arn:aws:s3:::RUN_BUCKET", "arn:aws:s3:::RUN_BUCKET/*"}
+    actions = {a for statement in policy["Statement"] for a in statement["Action"]}
+    assert actions <= {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}, actions
+
+
 class _NoSleep(types.ModuleType):
     """`time` for Ray's AWS config module without its 2 × 15 s waits for IAM propagation."""
 
@@ -122,6 +149,17 @@ def test_aws_bootstrap_fills_resources_offline(cfg, tmp_path, monkeypatch):
     mock = moto.mock_aws()
     mock.start(reset=False)
     try:
+        # The security group cluster.yaml asks the user to make once (SSH from one CIDR), in moto's default VPC.
+        import boto3
+
+        ec2 = boto3.client("ec2", region_name=cfg["provider"]["region"])
+        vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+        group = ec2.create_security_group(GroupName="cliquecnn", Description="test", VpcId=vpc)["GroupId"]
+        ec2.authorize_security_group_ingress(GroupId=group, IpProtocol="tcp", FromPort=22, ToPort=22,
+                                             CidrIp="203.0.113.7/32")
+        cfg = copy.deepcopy(cfg)
+        for node_type in cfg["available_node_types"].values():
+            node_type["node_config"]["SecurityGroupIds"] = [group]
         out = _bootstrap_config(copy.deepcopy(cfg), no_config_cache=True)
     finally:
         mock.stop(remove_data=False)

@@ -61,3 +61,52 @@ def test_every_default_has_a_reason():
             match = re.match(r"^    (\w+): [^=]+ = (.*)$", line)
             if match and not match.group(2).endswith("Config()"):
                 assert "#" in line, f"{cls.__name__}.{match.group(1)} has no reason: {line.strip()}"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("neighbours.k=0", "neighbours.k"),
+        ("train.steps=-5", "train.steps"),
+        ("rounds=-1", "rounds"),
+        ("cliques.num_cliques=-3", "cliques.num_cliques"),
+        ("impute.ltp_p=-1", "impute.ltp_p"),
+        ("evaluate.knn_k=0", "evaluate.knn_k"),
+        ("resources.cpus_per_task=0", "resources.cpus_per_task"),
+        ("train.lr=.nan", "train.lr"),
+        ("train.lr=nan", "train.lr"),
+        ("train.lr=0", "train.lr"),
+        ("train.round_steps=[100, lots]", "train.round_steps[1]"),
+        ("train.round_steps=[100, -1]", "train.round_steps[1]"),
+        ("batches.p=-0.5", "batches.p"),
+    ],
+)
+def test_values_out_of_range_are_refused_at_load_naming_the_key(override, key):
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}'")):
+        load_config(None, [override])
+
+
+def test_yaml_1_1_exponents_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a float field takes it as the number it is."""
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  round_steps: [1200, 400]\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == 0.001 and cfg.train.round_steps == (1200, 400)
+
+
+def test_fields_that_only_change_how_work_runs_leave_the_hash():
+    from cliquecnn_ray.config import hashed_view
+
+    base = config_hash(load_config(None))
+    for override in ("neighbours.row_block=17", "neighbours.col_block=99", "neighbours.tile_rows=5",
+                     "train.log_every=3", "train.checkpoint_every=7", "train.max_failures=9",
+                     "impute.num_actors=4", "impute.batch_size=8", "features.batch_size=64",
+                     "resources.cpus_per_task=2", "evaluate.memory_mb=64", "evaluate.queries_per_task=9",
+                     "cliques.seeds_per_task=3"):
+        assert config_hash(load_config(None, [override])) == base, override
+    for override in ("neighbours.k=7", "seed=3", "train.lr=0.5", "cliques.num_cliques=3"):
+        assert config_hash(load_config(None, [override])) != base, override
+    assert "row_block" not in hashed_view(load_config(None).neighbours)

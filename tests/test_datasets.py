@@ -81,7 +81,7 @@ def test_read_idx_round_trip_and_errors(tmp_path):
 
 def _fashion_or_skip():
     try:
-        return datasets.fashion_mnist_dir(install=False)
+        return datasets.fashion_mnist_dir()
     except datasets.DatasetUnavailable as exc:
         pytest.skip(f"Fashion-MNIST is not installed (Debian package dataset-fashion-mnist): {exc}")
 
@@ -113,3 +113,66 @@ def test_fashion_mnist_sources_labels_match_ingested_frame_ids(tmp_path, ray_ses
     assert [video_of[i] for i in ids] == [f"test_{i:05d}" for i in range(7)]
     _, test_labels = datasets.load_fashion_mnist("test")
     assert labels.column("label").to_pylist() == [datasets.FASHION_CLASSES[c] for c in test_labels[:7]]
+
+
+def test_fashion_mnist_validation_split_is_training_images_never_test():
+    ids = datasets.fashion_mnist_validation_ids(seed=0)
+    assert len(ids) == 5000 and len(np.unique(ids)) == 5000 and ids.min() >= 0 and ids.max() < 60000
+    assert np.array_equal(ids, datasets.fashion_mnist_validation_ids(seed=0))  # fixed by seed
+    assert not np.array_equal(ids, datasets.fashion_mnist_validation_ids(seed=1))
+
+
+def test_fashion_mnist_validation_labels_are_training_rows(tmp_path):
+    _fashion_or_skip()
+    frames_uri, labels_uri = datasets.write_fashion_mnist_sources(str(tmp_path / "src"), limit_train=40, limit_test=7)
+    validation = storage.read_parquet(str(tmp_path / "src" / datasets.VALIDATION_LABELS))
+    val_ids = np.asarray(validation.column("frame_id").to_pylist())
+    test_ids = np.asarray(storage.read_parquet(labels_uri).column("frame_id").to_pylist())
+    assert len(val_ids) == 40 and val_ids.max() < 40 <= test_ids.min()  # training rows only; never a test row
+    _, train_labels = datasets.load_fashion_mnist("train")
+    assert validation.column("label").to_pylist() == [datasets.FASHION_CLASSES[c] for c in train_labels[val_ids]]
+    assert "label" not in storage.read_parquet(frames_uri).column_names
+
+
+def test_moving_fashion_mnist_clips_deterministic_shapes_and_unlabelled():
+    _fashion_or_skip()
+    frames, test, validation = datasets.moving_fashion_mnist_tables(6, 2, seed=3, frames_per_clip=5)
+    again, _, _ = datasets.moving_fashion_mnist_tables(6, 2, seed=3, frames_per_clip=5)
+    assert frames.equals(again)  # deterministic by seed
+    other, _, _ = datasets.moving_fashion_mnist_tables(6, 2, seed=4, frames_per_clip=5)
+    assert not frames.equals(other)
+    assert frames.num_rows == 40 and set(frames.column_names) == {"video_id", "frame_index", "category", "image"}
+    assert Counter(frames.column("video_id").to_pylist()) == {
+        **{f"train_{i:04d}": 5 for i in range(6)}, **{f"test_{i:04d}": 5 for i in range(2)}}
+    assert frames.column("frame_index").to_pylist()[:6] == [0, 1, 2, 3, 4, 0]
+    import io
+
+    from PIL import Image
+    image = np.asarray(Image.open(io.BytesIO(frames.column("image")[7].as_py())))
+    assert image.shape == (64, 64) and image.dtype == np.uint8
+    # Labels only in their own tables; validation clips are training clips, test clips are test clips.
+    val_ids = np.asarray(validation.column("frame_id").to_pylist())
+    test_ids = np.asarray(test.column("frame_id").to_pylist())
+    assert val_ids.max() < 30 <= test_ids.min() and test_ids.tolist() == list(range(30, 40))
+    assert len(val_ids) == 5 and len(set(val_ids // 5)) == 1  # a sixth of 6 clips: one whole clip
+
+
+def test_moving_fashion_mnist_items_move_and_backgrounds_differ():
+    from cliquecnn_ray import moving_fashion_mnist as mfm
+
+    # A blank item leaves exactly the background: constant over a clip, different between clips.
+    blank = mfm.render_clips(np.zeros((5, 28, 28), np.uint8), seed=0, frames=4).astype(np.float32)
+    assert blank.shape == (5, 4, 64, 64)
+    assert all((clip == clip[0]).all() for clip in blank)
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert np.abs(blank[i, 0] - blank[j, 0]).mean() > 5  # grey levels out of 255
+    assert min(float(clip[0].std()) for clip in blank) > 3  # a photograph, not a flat fill
+    # A real item moves: the frame minus its background has its mass in different places over time.
+    item = np.zeros((28, 28), np.uint8)
+    item[6:22, 6:22] = 255
+    clip = mfm.render_clips(item[None], seed=0, frames=6)[0].astype(np.float32) - blank[0, 0]
+    centres = [np.argwhere(np.abs(f) > 20).mean(0) for f in clip]
+    assert np.linalg.norm(centres[-1] - centres[0]) > 5
+    corners = mfm.trajectory(34, np.random.default_rng(0), frames=200)
+    assert corners.min() >= 0 and corners.max() <= 64 - 34  # bounces keep the item on the canvas

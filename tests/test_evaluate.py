@@ -9,12 +9,10 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from cliquecnn_ray import metrics
-from cliquecnn_ray import schema, storage
+from cliquecnn_ray import metrics, schema, similarity, storage
 from cliquecnn_ray.config import PipelineConfig
-from cliquecnn_ray.similarity import ltp_stack
 from cliquecnn_ray.rundir import StageDir
-
+from cliquecnn_ray.similarity import ltp_stack
 from tests.synthetic import clustered_features, commit_table, frames_table
 
 
@@ -25,7 +23,7 @@ def unit(degrees) -> np.ndarray:
 
 def test_pearson_normalise_gives_correlations():
     x = np.array([[1.0, 2.0, 3.0], [3.0, 1.0, 2.0], [5.0, 5.0, 5.0]])
-    z = metrics.pearson_normalise(x)
+    z = similarity.pearson_normalise(x)
     np.testing.assert_allclose(z[0], np.array([-1, 0, 1]) / np.sqrt(2), atol=1e-6)
     np.testing.assert_allclose(z[0] @ z[1], np.corrcoef(x[0], x[1])[0, 1], atol=1e-6)
     assert not z[2].any()  # a constant vector has no correlation: zero, not NaN
@@ -129,7 +127,8 @@ def test_class_partial_hand_case():
 def test_class_partial_sharded_equals_one_shot():
     feats, labels = clustered_features(n_clusters=4, per_cluster=15, d=8, noise=1.0, seed=3)
     one = metrics.class_partial(feats, labels, k=5, row_block=1000)
-    parts = [metrics.class_partial(feats, labels, k=5, start=a, stop=b, row_block=4) for a, b in ((0, 7), (7, 31), (31, 60))]
+    parts = [metrics.class_partial(feats, labels, k=5, start=a, stop=b, row_block=4)
+             for a, b in ((0, 7), (7, 31), (31, 60))]
     many = metrics.merge(parts)
     assert (many.n_queries, many.knn_correct, many.skipped) == (one.n_queries, one.knn_correct, one.skipped)
     assert many.auc_sum == pytest.approx(one.auc_sum) and many.ap_sum == pytest.approx(one.ap_sum)
@@ -137,14 +136,17 @@ def test_class_partial_sharded_equals_one_shot():
     np.testing.assert_allclose(many.precision_sum, one.precision_sum)
 
 
-def _reference_class_metrics(feats, labels, k):
-    """A straightforward loop: sklearn per query, brute-force kNN with the documented tie rule."""
+def _reference_class_metrics(feats, labels, k, videos=None):
+    """A straightforward loop: sklearn per query, brute-force kNN with the documented tie rule; with
+    ``videos``, a query's candidates are the frames of the other clips."""
     z = feats - feats.mean(1, keepdims=True)
     z = z / np.linalg.norm(z, axis=1, keepdims=True)
     sims = z @ z.T
     aucs, aps, hits, tprs = [], [], [], []
     for i in range(len(z)):
         others = np.arange(len(z)) != i
+        if videos is not None:
+            others &= videos != videos[i]
         y, s = labels[others] == labels[i], sims[i, others]
         if y.all() or not y.any():
             continue
@@ -190,6 +192,32 @@ def test_class_label_metrics_equal_a_straightforward_loop_per_category():
     )
 
 
+def test_exclude_same_video_equals_a_brute_force_loop():
+    feats, labels = clustered_features(n_clusters=3, per_cluster=16, d=6, noise=1.5, seed=4)
+    videos = np.asarray([f"clip{i // 4}" for i in range(len(labels))])  # clips of 4 frames, one class each
+    rng = np.random.default_rng(5)
+    videos = videos[rng.permutation(len(videos))]  # clips cut across classes: some share, some not
+    result = metrics.class_label_metrics(feats, labels, k=5, memory_mb=0.001, videos=videos)
+    auc, ap, knn, auc_roc, n = _reference_class_metrics(feats.astype(np.float64), labels, 5, videos=videos)
+    assert result["n_queries"] == n
+    assert result["auc"] == pytest.approx(auc, abs=1e-6) and result["map"] == pytest.approx(ap, abs=1e-6)
+    assert result["knn"] == pytest.approx(knn) and result["auc_mean_roc"] == pytest.approx(auc_roc, abs=1e-6)
+    within = metrics.class_label_metrics(feats, labels, k=5)
+    assert result["auc"] != pytest.approx(within["auc"])  # the option changes what is measured
+
+
+def test_exclude_same_video_removes_a_near_duplicate_inflation():
+    # Every clip holds two copies of one random vector; classes are random: within-clip AUC looks perfect
+    # at kNN, cross-video evaluation sees chance.
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 16)).astype(np.float32)
+    feats = np.repeat(base, 2, axis=0) + rng.normal(0, 0.01, (80, 16)).astype(np.float32)
+    labels = np.repeat(rng.integers(0, 2, 40), 2)
+    videos = np.repeat(np.arange(40), 2)
+    assert metrics.class_label_metrics(feats, labels, k=1)["knn"] == 1.0
+    assert metrics.class_label_metrics(feats, labels, k=1, videos=videos)["knn"] < 0.75
+
+
 def test_a_category_of_one_class_is_skipped_not_fatal():
     feats = unit([0, 10, 20, 30])
     result = metrics.class_label_metrics(feats, ["a", "a", "b", "b"], categories=["x", "x", "y", "y"], pearson=False)
@@ -202,8 +230,8 @@ def test_candidate_label_metrics_hand_case():
     # Query 0 (0°) with positives at 10°, 80° and negatives at 30°, 90°: ranked P N P N →
     # AUC 3/4, AP (1 + 2/3)/2 = 5/6. Query 1 (90°): positive 80°, negative 0° → AUC 1, AP 1.
     feats = unit([0, 10, 30, 80, 90])
-    m = metrics.candidate_label_metrics(feats, [0, 4], [np.array([1, 3]), np.array([3])], [np.array([2, 4]), np.array([0])],
-                                  pearson=False)
+    positives, negatives = [np.array([1, 3]), np.array([3])], [np.array([2, 4]), np.array([0])]
+    m = metrics.candidate_label_metrics(feats, [0, 4], positives, negatives, pearson=False)
     assert m["auc"] == pytest.approx((3 / 4 + 1) / 2)
     assert m["map"] == pytest.approx((5 / 6 + 1) / 2)
     assert m["knn"] is None and m["n_queries"] == 2
@@ -211,7 +239,8 @@ def test_candidate_label_metrics_hand_case():
 
 def test_format_metrics_table():
     text = metrics.format_metrics_table({
-        "round 0": {"auc": 0.81234, "auc_mean_roc": 0.8, "knn": None, "map": 0.5, "n_queries": 10, "skipped_queries": 0},
+        "round 0": {"auc": 0.81234, "auc_mean_roc": 0.8, "knn": None, "map": 0.5, "n_queries": 10,
+                    "skipped_queries": 0},
         "a much longer name": {"auc": float("nan")},
     })
     lines = text.splitlines()
@@ -284,12 +313,25 @@ def test_stage_ltp_and_one_category(tmp_path, ray_session):
                                     "label": pa.array(labels)}), labels_uri)
     cfg = _cfg(run, labels_uri, category="cat_b")
     stats = stage.run(cfg, round_index=0, ltp_p=1, out_stage="evaluate_ltp")["stats"]
-    pooled = ltp_stack(metrics.pearson_normalise(feats), videos, index, 1)  # Pearson per frame, then Eq. 9
+    pooled = ltp_stack(similarity.pearson_normalise(feats), videos, index, 1)  # Pearson per frame, then Eq. 9
     b = cats == "cat_b"
     expected = metrics.class_label_metrics(pooled[b], labels[b], pearson=False)
     assert list(stats["per_category"]) == ["cat_b"]
     assert stats["auc"] == pytest.approx(expected["auc"]) and stats["knn"] == pytest.approx(expected["knn"])
     assert StageDir(run, 0, "evaluate_ltp").record()["config"]["ltp_p"] == 1
+
+
+def test_stage_exclude_same_video(tmp_path, ray_session):
+    from cliquecnn_ray.stages import evaluate as stage
+
+    run, feats, labels, cats, videos, _ = _committed_run(tmp_path)
+    labels_uri = str(tmp_path / "labels.parquet")
+    storage.write_parquet(pa.table({"frame_id": pa.array(np.arange(len(labels)), pa.int64()),
+                                    "label": pa.array(labels)}), labels_uri)
+    stats = stage.run(_cfg(run, labels_uri, exclude_same_video=True, queries_per_task=5, knn_k=3), 0)["stats"]
+    expected = metrics.class_label_metrics(feats, labels, categories=cats, k=3, videos=videos)
+    for key in ("auc", "knn", "map", "n_queries"):
+        assert stats[key] == pytest.approx(expected[key]), key
 
 
 def test_stage_candidate_lists(tmp_path, ray_session):
@@ -322,3 +364,4 @@ def test_stage_names_unknown_frame_ids(tmp_path, ray_session):
     with pytest.raises(schema.SchemaError, match=r"frame_id.*2 frame id\(s\).*\[777, 999\]"):
         stage.run(_cfg(run, labels_uri), round_index=0)
     assert StageDir(run, 0, "evaluate").record() is None  # nothing committed
+

@@ -8,14 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from cliquecnn_ray import hog
-from cliquecnn_ray import schema, storage
-from cliquecnn_ray.config import load_config
-from cliquecnn_ray.rundir import StageDir
 from synthetic import class_images, commit_table, frames_table, png_bytes
 
-HOG_TOL = 1e-6  # torch vs skimage: same float64 binning, float32 cell sums as skimage → ~5e-8 seen
+from cliquecnn_ray import hog, schema, storage
+from cliquecnn_ray.config import load_config
+from cliquecnn_ray.rundir import StageDir
+
+HOG_TOL = 1e-6  # same float64 binning, float32 cell sums as skimage (hog.json: max_abs_diff_vs_skimage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +92,8 @@ def test_hog_batch_matches_skimage(shape, orientations, cell, block):
     )
     ref = np.stack([hog.hog_reference(im, orientations, cell, block) for im in images])
     got = hog.hog_batch(images, orientations, cell, block, chunk=5)  # several chunks, one partial
-    assert got.dtype == np.float32 and got.shape == ref.shape == (len(images), hog.hog_dim(shape, orientations, cell, block))
+    dim = hog.hog_dim(shape, orientations, cell, block)
+    assert got.dtype == np.float32 and got.shape == ref.shape == (len(images), dim)
     assert np.abs(got - ref).max() < HOG_TOL
     # Chunks on worker threads give exactly the serial result.
     assert np.array_equal(hog.hog_batch(images, orientations, cell, block, chunk=3, threads=2), got)
@@ -116,19 +116,33 @@ def test_whitening_is_the_lda_similarity():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 10)) @ rng.normal(size=(10, 10)) + 3.0
     lam = 0.02
-    stats = hog.reduce_stats([hog.whitening_stats(x[:100]), hog.whitening_stats(x[100:250]), hog.whitening_stats(x[250:])])
+    stats = hog.reduce_stats([hog.whitening_stats(part) for part in (x[:100], x[100:250], x[250:])])
     whole = hog.whitening_stats(x)
     assert stats[2] == 300 and np.allclose(stats[0], whole[0]) and np.allclose(stats[1], whole[1])
     mu, w = hog.whitening_transform(stats, lam)
     phi = hog.whiten(x, mu, w)
     # Direct numpy: (x_i − μ)ᵀ (cov + λI)⁻¹ (x_j − μ), cosine-normalised.
     centred = x - x.mean(axis=0)
-    sigma = np.cov(x.T, bias=True) + lam * np.eye(10)
+    cov = np.cov(x.T, bias=True)
+    sigma = cov + lam * np.trace(cov) / 10 * np.eye(10)  # λ relative to the mean variance
     gram = centred @ np.linalg.solve(sigma, centred.T)
     norm = np.sqrt(np.diag(gram))
     assert np.abs(phi @ phi.T - gram / np.outer(norm, norm)).max() < 1e-5
     assert np.allclose(np.linalg.norm(phi, axis=1), 1.0, atol=1e-5)
     assert np.allclose(w @ sigma @ w, np.eye(10), atol=1e-8)  # W = Σ^{-1/2}
+
+
+def test_whitening_lambda_is_scale_free():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8))
+    for lam in (0.01, 1.0):
+        phi = hog.whiten(x, *hog.whitening_transform(hog.whitening_stats(x), lam))
+        phi_scaled = hog.whiten(1e-3 * x, *hog.whitening_transform(hog.whitening_stats(1e-3 * x), lam))
+        assert np.abs(phi - phi_scaled).max() < 1e-4
+    # A large λ tends to plain centred, normalised descriptors; a small one to full whitening (identity Gram).
+    centred = x - x.mean(0)
+    plain = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    assert np.abs(hog.whiten(x, *hog.whitening_transform(hog.whitening_stats(x), 1e6)) - plain).max() < 1e-4
 
 
 def test_whitening_bad_inputs():
@@ -153,7 +167,7 @@ def test_blank_frames_become_zero_vectors_never_nan():
         assert abs(np.linalg.norm(feats[2]) - 1) < 1e-5
     # hog_lda: a blank frame's HOG is 0, its φ ∝ −μW is a proper direction.
     descriptors = hog.describe(np.concatenate([images, class_images(2, 8)[0]]), "hog_lda")
-    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 0.02)
+    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 1.0)
     phi = hog.whiten(descriptors, mu, w)
     assert np.isfinite(phi).all() and np.allclose(np.linalg.norm(phi, axis=1), 1.0, atol=1e-5)
 
@@ -176,7 +190,7 @@ def _within_between(feats: np.ndarray, labels: np.ndarray) -> tuple[float, float
 def test_hog_lda_separates_classes():
     images, labels = class_images(4, 24, size=32, seed=3)
     descriptors = hog.describe(images, "hog_lda")
-    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 0.02)
+    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 1.0)
     feats = hog.whiten(descriptors, mu, w)
     within, between = _within_between(feats, labels)
     assert within > between + 0.2
@@ -225,7 +239,7 @@ def test_stage_hog_lda_end_to_end_on_s3(ray_session, s3_bucket):
     assert np.array_equal(ids, np.arange(80))
     # Same features as the pure functions on the same frames: sharded statistics equal one-shot ones.
     descriptors = hog.hog_batch(images)
-    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), 0.02)
+    mu, w = hog.whitening_transform(hog.whitening_stats(descriptors), cfg.features.lda_lambda)
     assert np.abs(feats - hog.whiten(descriptors, mu, w)).max() < 1e-4
     within, between = _within_between(feats, labels)
     assert within > between + 0.2

@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 from synthetic import SIZE, class_images, commit_table, committed_model, frames_table
 
-from cliquecnn_ray import network
-from cliquecnn_ray import schema, storage
+from cliquecnn_ray import cnn_features, network, schema, similarity, storage
 from cliquecnn_ray.config import load_config
+from cliquecnn_ray.rundir import StageDir
 from cliquecnn_ray.similarity import ltp_stack
-from cliquecnn_ray.rundir import StageDir, run_stage
-
 
 
 def tiny_frames(run: str):
@@ -46,12 +44,14 @@ def test_impute_writes_pearson_features_and_ltp(ray_session, tmp_path):
     ids, plain = schema.table_to_features(out.read_table(), source=str(out))
     assert np.array_equal(ids, np.arange(13))
     # The actors computed what extract_features + pearson_normalise give in one process.
-    ref = network.pearson_normalise(network.extract_features(net, network.to_input(_resize(images))).numpy())
+    cnn = cnn_features.extract_features(net, cnn_features.to_input(_resize(images)))
+    ref = similarity.pearson_normalise(cnn.numpy())
     np.testing.assert_allclose(plain, ref[np.argsort(table.column("frame_id").to_numpy())], atol=1e-5)
     assert np.allclose(np.linalg.norm(plain, axis=1), 1, atol=1e-5) and np.allclose(plain.mean(axis=1), 0, atol=1e-6)
 
     record = impute.run(cfg_for(run, "impute.ltp_p=2"), 0)  # other config: recomputed
-    assert not record["skipped"] and record["stats"]["d"] == 5 * network.FC_DIM and record["stats"]["frame_d"] == network.FC_DIM
+    assert not record["skipped"]
+    assert record["stats"]["d"] == 5 * network.FC_DIM and record["stats"]["frame_d"] == network.FC_DIM
     ids2, pooled = schema.table_to_features(out.read_table(), source=str(out))
     assert np.array_equal(ids2, ids) and pooled.shape == (13, 5 * network.FC_DIM)
     order = np.argsort(table.column("frame_id").to_numpy())
@@ -92,7 +92,8 @@ def test_impute_needs_the_rounds_model(ray_session, tmp_path):
 
 def _resize(images: np.ndarray) -> np.ndarray:
     """The stage decodes frames at the model's input size; do the same to the reference images."""
-    from cliquecnn_ray.hog import decode_images
     from synthetic import png_bytes
+
+    from cliquecnn_ray.hog import decode_images
 
     return decode_images([png_bytes(im) for im in images], size=SIZE, grey=True)

@@ -2,6 +2,8 @@
 stable ids; every kind of bad input fails with a message naming it."""
 import io
 import logging
+import os
+import re
 
 import av
 import numpy as np
@@ -9,7 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from cliquecnn_ray import schema, frame_sources, storage
+from cliquecnn_ray import frame_sources, schema, storage
 from cliquecnn_ray.config import IngestConfig, PipelineConfig
 from cliquecnn_ray.frame_sources import IngestError
 from cliquecnn_ray.rundir import StageDir
@@ -185,7 +187,7 @@ def _folder_with_bad_image(root):
 def test_bad_image_errors_or_is_skipped_and_listed(tmp_path, ray_session, caplog):
     _folder_with_bad_image(tmp_path / "imgs")
     cfg = cfg_for(str(tmp_path / "run"), [tmp_path / "imgs"])
-    with pytest.raises(IngestError, match=r"cannot decode image .*imgs/g/f1\.png"):
+    with pytest.raises(IngestError, match=r"imgs/g/f1\.png: undecodable image"):
         ingest_stage.run(cfg)
     assert StageDir(cfg.run, 0, "frames").record() is None
 
@@ -291,3 +293,136 @@ def test_unreachable_s3_endpoint_names_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIQUECNN_S3_CONNECT_TIMEOUT", "1")
     with pytest.raises(storage.StorageError, match=r"s3://nowhere/clips/a\.mp4"):
         ingest_stage.run(cfg_for(str(tmp_path / "run"), ["s3://nowhere/clips/a.mp4"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every bad input in one run; truncated videos; images and uris inside Parquet tables checked at ingest
+
+
+def test_every_bad_input_is_reported_in_one_run(tmp_path, ray_session):
+    """Two broken Parquet tables and a good video: the one error names both tables, not the first only."""
+    (tmp_path / "good.mp4").write_bytes(video_bytes(4, 16))
+    storage.write_parquet(pa.table({"video_id": ["a"], "image": [image(0)]}), str(tmp_path / "one.parquet"))
+    storage.write_parquet(pa.table({"video_id": ["b"], "frame_index": [0]}), str(tmp_path / "two.parquet"))
+    cfg = cfg_for(str(tmp_path / "run"), [tmp_path / "good.mp4", tmp_path / "one.parquet", tmp_path / "two.parquet"])
+    with pytest.raises(IngestError) as failure:
+        ingest_stage.run(cfg)
+    message = str(failure.value)
+    assert "2 inputs cannot be ingested" in message, message
+    assert re.search(r"one\.parquet.*required column 'frame_index' is missing", message), message
+    assert re.search(r"two\.parquet.*needs an 'image'.*or a 'uri'", message), message
+    # Missing sources are all named too, before any work starts.
+    with pytest.raises(IngestError, match=r"(?s)input not found: .*nope1\.mp4.*input not found: .*nope2\.mp4"):
+        ingest_stage.run(cfg_for(cfg.run, [tmp_path / "nope1.mp4", tmp_path / "good.mp4", tmp_path / "nope2.mp4"]))
+
+
+def cut_video(path, n_frames: int = 40, keep: float = 0.5) -> None:
+    """A real mp4 whose index (moov, moved to the front) declares ``n_frames``, cut after ``keep`` of its bytes,
+    as a copy interrupted mid-transfer leaves it."""
+    rng = np.random.default_rng(1)
+    with av.open(str(path), mode="w", format="mp4", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for _ in range(n_frames):
+            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_video_is_an_error_or_a_listed_warning(tmp_path, ray_session, caplog):
+    cut_video(tmp_path / "cut.mp4")
+    with av.open(str(tmp_path / "cut.mp4")) as container:
+        assert container.streams.video[0].frames == 40  # the container still declares every frame
+    cfg = cfg_for(str(tmp_path / "run"), [tmp_path / "cut.mp4"])
+    with pytest.raises(IngestError, match=r"video .*cut\.mp4 is truncated: decoded \d+ of the 40 frames"):
+        ingest_stage.run(cfg)
+    assert StageDir(cfg.run, 0, "frames").record() is None
+
+    with caplog.at_level(logging.WARNING, logger="cliquecnn_ray"):
+        record = ingest_stage.run(cfg_for(cfg.run, cfg.sources, on_bad_frame="skip"))
+    rows = record["stats"]["rows"]
+    assert 0 < rows < 40
+    (listed,) = record["stats"]["skipped_frames"]
+    assert listed["video_id"] == "cut" and listed["frame_index"] == rows and listed["file"].endswith("cut.mp4")
+    assert f"truncated: decoded {rows} of the 40 frames" in listed["reason"]
+    assert any("cut.mp4" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+
+
+def test_frame_stride_and_max_frames_do_not_count_as_truncation(tmp_path, ray_session):
+    cut_video(tmp_path / "whole.mp4", n_frames=20, keep=1.0)
+    record = ingest_stage.run(cfg_for(str(tmp_path / "run"), [tmp_path / "whole.mp4"], frame_stride=3, max_frames=4))
+    assert record["stats"]["rows"] == 4 and record["stats"]["skipped_frames"] == []
+    record = ingest_stage.run(cfg_for(str(tmp_path / "run"), [tmp_path / "whole.mp4"], frame_stride=3))
+    assert record["stats"]["rows"] == 7 and record["stats"]["skipped_frames"] == []
+
+
+def huge_png() -> bytes:
+    """More pixels than PIL's MAX_IMAGE_PIXELS in a few kB (one bit per pixel, all zero)."""
+    side = int((Image.MAX_IMAGE_PIXELS + 1) ** 0.5) + 1
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_images_inside_parquet_are_checked_at_ingest(tmp_path, ray_session):
+    images = [image(0), b"\x89PNG\r\n\x1a\nnot really", image(2), huge_png()]
+    table = pa.table({"video_id": ["v"] * 4, "frame_index": [0, 1, 2, 3], "image": images})
+    storage.write_parquet(table, str(tmp_path / "t.parquet"))
+    cfg = cfg_for(str(tmp_path / "run"), [tmp_path / "t.parquet"])
+    with pytest.raises(IngestError) as failure:
+        ingest_stage.run(cfg)
+    message = str(failure.value)
+    assert re.search(r"(?s)t\.parquet.*row 1 \(video_id 'v', frame_index 1\): undecodable image", message), message
+    assert re.search(r"row 3 \(video_id 'v', frame_index 3\): \d+×\d+ pixels, over the limit", message)
+    assert "row 0 " not in message and "row 2 " not in message
+
+    record = ingest_stage.run(cfg_for(cfg.run, cfg.sources, on_bad_frame="skip"))
+    assert [s["frame_index"] for s in record["stats"]["skipped_frames"]] == [1, 3]
+    assert frames_of(cfg).column("frame_index").to_pylist() == [0, 2]
+
+
+def test_uri_column_is_read_only_below_the_allowed_roots(tmp_path, ray_session):
+    data = tmp_path / "data"
+    (data / "frames").mkdir(parents=True)
+    (data / "frames" / "ok.png").write_bytes(image(0))
+    (tmp_path / "secret.png").write_bytes(image(1))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.png").write_bytes(image(2))
+    os.mkfifo(data / "frames" / "pipe.png")  # a reader would block on it forever
+    (data / "frames" / "link.png").symlink_to(tmp_path / "secret.png")
+    uris = [str(data / "frames" / "ok.png"), "/etc/passwd", f"{data}/frames/../../secret.png",
+            str(data / "frames" / "pipe.png"), "/dev/zero", str(data / "frames" / "link.png"),
+            str(tmp_path / "elsewhere" / "x.png")]
+    table = pa.table({"video_id": ["v"] * len(uris), "frame_index": list(range(len(uris))), "uri": uris})
+    storage.write_parquet(table, str(data / "t.parquet"))
+    cfg = cfg_for(str(tmp_path / "run"), [data / "t.parquet"])
+    with pytest.raises(IngestError) as failure:
+        ingest_stage.run(cfg)
+    message = str(failure.value)
+    for row, reason in [(1, "outside the allowed roots"), (2, r"'\.\.'"), (3, "not a regular file"),
+                        (4, "outside the allowed roots"), (5, "outside the allowed roots"),
+                        (6, "outside the allowed roots")]:
+        assert re.search(rf"row {row} \(video_id 'v', frame_index {row}\): uri .*{reason}", message), (row, message)
+    assert "row 0 " not in message
+
+    # A root the config lists admits its files; the source's own folder stays admitted.
+    ok = pa.table({"video_id": ["v", "v"], "frame_index": [0, 1],
+                   "uri": [str(data / "frames" / "ok.png"), str(tmp_path / "elsewhere" / "x.png")]})
+    storage.write_parquet(ok, str(data / "t.parquet"))
+    record = ingest_stage.run(cfg_for(cfg.run, cfg.sources, uri_roots=(str(tmp_path / "elsewhere"),)))
+    assert record["stats"]["rows"] == 2
+
+
+def test_uri_roots_on_s3_are_the_sources_bucket_and_listed_prefixes():
+    roots = frame_sources.uri_roots("s3://mine/tables/t.parquet", ("s3://shared/frames",))
+    assert frame_sources.uri_problem("s3://mine/any/where.png", roots) == ""
+    assert frame_sources.uri_problem("s3://shared/frames/a.png", roots) == ""
+    assert "outside the allowed roots" in frame_sources.uri_problem("s3://other/a.png", roots)
+    assert "outside the allowed roots" in frame_sources.uri_problem("s3://shared/framesX/a.png", roots)
+    assert "'..'" in frame_sources.uri_problem("s3://mine/a/../b.png", roots)
+    assert "outside the allowed roots" in frame_sources.uri_problem("http://example.com/a.png", roots)

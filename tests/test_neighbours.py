@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cliquecnn_ray import similarity
-from cliquecnn_ray import rundir, schema, storage
+from cliquecnn_ray import rundir, schema, similarity, storage
 from cliquecnn_ray.config import NeighboursConfig, PipelineConfig, ResourcesConfig
 from tests import synthetic
 

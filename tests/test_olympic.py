@@ -34,7 +34,8 @@ def authors_loop(category, features, flipped=None):
             ids = np.hstack([np.asarray(f["pos_ids"][i]), np.asarray(f["neg_ids"][i])]).astype(int)
             labels = np.hstack([np.ones(len(f["pos_ids"][i]), bool), np.zeros(len(f["neg_ids"][i]), bool)])
             flips = np.hstack([np.asarray(f["pos_flipvals"][i]), np.asarray(f["neg_flipvals"][i])]).astype(bool)
-            scores = [float(features[anchor].astype(np.float64) @ (flipped[j] if fl else features[j]).astype(np.float64))
+            query = features[anchor].astype(np.float64)
+            scores = [float(query @ (flipped[j] if fl else features[j]).astype(np.float64))
                       for j, fl in zip(ids, flips)]
             fpr, tpr, _ = sklm.roc_curve(labels, scores, pos_label=1)
             curves.append(scipy.interpolate.interp1d(fpr, tpr, kind="linear", bounds_error=True)(grid))
@@ -121,7 +122,8 @@ def test_every_category_equals_the_authors_loop_with_flips(frame_counts):
     flipped = random_features(frame_counts, seed=2)
     out = olympic.olympic_auc(feats, flipped)
     for c in CATEGORIES:
-        assert out["per_category"][c]["auc_mean_roc"] == pytest.approx(authors_loop(c, feats[c], flipped[c]), abs=1e-9), c
+        expected = authors_loop(c, feats[c], flipped[c])
+        assert out["per_category"][c]["auc_mean_roc"] == pytest.approx(expected, abs=1e-9), c
         assert out["per_category"][c]["flipped_candidates"] == int(olympic.read_labels(c).flip.sum())
 
 
@@ -140,7 +142,7 @@ def test_flipvals_choose_the_flipped_features(frame_counts):
     with_flips = olympic.anchor_metrics(labels, feats, flipped)
     without = olympic.anchor_metrics(labels, feats)
     changed = 0
-    for a, anchor in enumerate(labels.anchors):
+    for a in range(len(labels.anchors)):
         v = labels.valid[a]
         ids, pos, flip = labels.ids[a][v], labels.positive[a][v], labels.flip[a][v]
         base = feats[ids, 0]  # score against e0 without flips

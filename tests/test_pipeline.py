@@ -47,7 +47,8 @@ def write_sources(root: str) -> tuple[str, str]:
     labels_uri = storage.join(root, "sources", "labels.parquet")
     storage.write_parquet(table, frames_uri)
     storage.write_parquet(
-        pa.table({schema.FRAME_ID: pa.array(np.arange(len(labels), dtype=np.int64)), schema.LABEL: [str(x) for x in labels]}),
+        pa.table({schema.FRAME_ID: pa.array(np.arange(len(labels), dtype=np.int64)),
+                  schema.LABEL: [str(x) for x in labels]}),
         labels_uri,
     )
     return frames_uri, labels_uri
@@ -79,6 +80,14 @@ def test_pipeline_runs_every_round_and_a_rerun_skips_every_stage(ray_session, tm
     ran = [key for key, rec in again["records"].items() if not rec["skipped"] and not key.endswith("report")]
     assert ran == [], f"a rerun recomputed {ran}"
     assert again["per_round"] == summary["per_round"]
+    # The report shows only evaluations made with the config it is given: none for another knn_k.
+    from cliquecnn_ray.stages import report
+
+    stale = load_config(None, TINY + [f"run={cfg.run}", f"sources=[{cfg.sources[0]}]",
+                                      f"evaluate.labels={cfg.evaluate.labels}", "evaluate.knn_k=3"])
+    page = storage.read_bytes(report.run(stale)["stats"]["uri"]).decode()
+    assert "round 0 (HOG-LDA)" not in page and "No current evaluation" in page
+    assert "round 0 (HOG-LDA)" in storage.read_bytes(report.run(cfg)["stats"]["uri"]).decode()
 
 
 def test_interrupted_run_resumes_from_the_failed_stage(ray_session, tmp_path):
@@ -107,3 +116,30 @@ def test_whole_run_under_s3(ray_session, s3_bucket):
         assert any(f"/{stage}/" in f for f in files), stage
     assert any(f.endswith("model.pt") for f in files)
     assert summary["report"].startswith("s3://")
+
+
+def test_demo_labels_are_rebuilt_after_a_reingest(tmp_path):
+    """The demo labels are a stage on the frames: a re-ingest with another frame_stride (other frame ids
+    for other frames) rebuilds them instead of keeping the first ingest's."""
+    from cliquecnn_ray import datasets, rundir
+    from cliquecnn_ray.pipeline import prepare_labels
+
+    run = str(tmp_path / "run")
+    cfg = load_config(None, [f"run={run}", "evaluate.labels=demo"])
+    frames = StageDir(run, 0, "frames")
+
+    def ingest(stride: int):
+        index = np.arange(0, 250, stride)
+        table = pa.table({schema.FRAME_ID: pa.array(np.arange(len(index)), pa.int64()),
+                          schema.VIDEO_ID: ["bikes"] * len(index),
+                          schema.FRAME_INDEX: pa.array(index, pa.int32())})
+        rundir.run_stage(frames, {"frame_stride": stride}, {}, lambda attempt: storage.write_parquet(
+            table, storage.join(attempt, "part-0.parquet")) or {"rows": table.num_rows})
+
+    ingest(1)
+    first = storage.read_parquet(prepare_labels(cfg).evaluate.labels)
+    assert first.num_rows == 250
+    ingest(2)
+    labels = prepare_labels(cfg).evaluate.labels
+    assert storage.read_parquet(labels).equals(datasets.demo_labels(frames.read_table()))
+    assert prepare_labels(cfg).evaluate.labels == labels  # unchanged frames: the labels stage is skipped

@@ -132,7 +132,7 @@ NODE_LOSS = ["neighbours.k=10", "neighbours.row_block=500", "neighbours.col_bloc
 def test_worker_node_lost_mid_neighbours_stage_is_retried_to_the_same_result(cluster, ray_session, tmp_path):
     """SIGKILL the worker node's raylet while it runs a row-block task: Ray reruns the lost tasks
     (max_retries) on the head, the stage commits, and its table equals an undisturbed run's."""
-    n, d = 6000, 2048  # 12 row blocks of ~0.5 s each: wide enough to catch one running on the worker
+    n, d = 6000, 2048  # 12 row blocks, each long enough that one is still running on the worker when it dies
     run, reference = str(tmp_path / "run"), str(tmp_path / "reference")
     _commit_random_features(run, n, d)
     _commit_random_features(reference, n, d)

@@ -244,5 +244,6 @@ def test_the_page_searches_by_clicking_a_frame(served, browser, tmp_path):
     wait.until(lambda b: f"frame_id {target} " in b.find_element(By.ID, "query").text
                and b.find_element(By.ID, "grid").get_attribute("data-state") == "ready")
     shown = [int(t.get_attribute("data-frame-id")) for t in browser.find_elements(By.CSS_SELECTOR, "#grid .tile")]
-    assert shown == [r["frame_id"] for r in client.json(f"/api/frames/{target}/similar?k=20&rerank=diffusion")["results"]]
+    answer = client.json(f"/api/frames/{target}/similar?k=20&rerank=diffusion")
+    assert shown == [r["frame_id"] for r in answer["results"]]
     browser.save_screenshot(os.environ.get("CLIQUECNN_SCREENSHOT") or str(tmp_path / "page.png"))

@@ -13,9 +13,7 @@ from synthetic import class_images, commit_table, frames_table
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from cliquecnn_ray import network
-from cliquecnn_ray import schema, storage
-from cliquecnn_ray import training
+from cliquecnn_ray import cnn_features, model_file, network, schema, similarity, storage, training
 from cliquecnn_ray.config import load_config
 from cliquecnn_ray.rundir import StageDir
 
@@ -78,7 +76,8 @@ def test_sampler_draws_only_frames_of_the_batch_cliques_with_their_targets():
 def test_unbalanced_sampler_draws_frames_uniformly_over_the_training_list():
     """balanced=False (the paper's NN-CNN): each clique's share of the images is its share of the frames."""
     clique_rows = [np.arange(0, 10), np.arange(10, 100), np.arange(100, 130)]  # 10 : 90 : 30 frames
-    sampler = training.CliqueBatchSampler(np.array([[0, 1, 2]]), clique_rows, images_per_step=128, seed=5, balanced=False)
+    sampler = training.CliqueBatchSampler(np.array([[0, 1, 2]]), clique_rows, images_per_step=128, seed=5,
+                                          balanced=False)
     owner = np.concatenate([np.full(len(r), k) for k, r in enumerate(clique_rows)])
     draws = [sampler.draw(step) for step in range(200)]
     for rows, targets, _ in draws:
@@ -90,13 +89,11 @@ def test_unbalanced_sampler_draws_frames_uniformly_over_the_training_list():
 
 
 def test_round_steps_set_each_rounds_budget():
-    from cliquecnn_ray.stages import train as stage
-
     cfg = load_config(None, ["rounds=3", "train.steps=50", "train.round_steps=[200, 80]"])
-    assert [stage.round_steps(cfg, r) for r in range(3)] == [200, 80, 50]
-    assert stage.total_steps(cfg) == 330
+    assert [training.round_steps(cfg, r) for r in range(3)] == [200, 80, 50]
+    assert training.total_steps(cfg) == 330
     with pytest.raises(ValueError, match="round 1 has 0 steps"):
-        stage.round_steps(load_config(None, ["train.round_steps=[5, 0]"]), 1)
+        training.round_steps(load_config(None, ["train.round_steps=[5, 0]"]), 1)
 
 
 def test_augmentation_is_torchvision_v2_per_image():
@@ -122,34 +119,35 @@ def test_augmentation_is_torchvision_v2_per_image():
 def test_build_model_and_features():
     net = network.build_model("alexnet_small", num_classes=7, input_size=28, in_channels=1)
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
-    assert net(network.to_input(images)).shape == (5, 7)
-    fc7 = network.extract_features(net, images, "fc7")
-    fc6 = network.extract_features(net, images, "fc6")
+    assert net(cnn_features.to_input(images)).shape == (5, 7)
+    fc7 = cnn_features.extract_features(net, images, "fc7")
+    fc6 = cnn_features.extract_features(net, images, "fc6")
     assert fc7.shape == (5, network.FC_DIM) and fc6.shape == (5, network.FC_DIM) and (fc7 >= 0).all()  # post-ReLU
     assert net.training  # extract_features runs in eval mode and restores the mode it found
     # fc7 is exactly what the head sees; pool5 is the flattened convolution map that fc6 takes.
     net.eval()
-    assert torch.allclose(net.head(fc7), net(network.to_input(images)), atol=1e-5)
-    pool5 = network.extract_features(net, images, "pool5")
-    assert torch.allclose(pool5, net.features(network.to_input(images)), atol=1e-6) and pool5.shape == (5, 128 * 16)
+    assert torch.allclose(net.head(fc7), net(cnn_features.to_input(images)), atol=1e-5)
+    pool5 = cnn_features.extract_features(net, images, "pool5")
+    assert torch.allclose(pool5, net.features(cnn_features.to_input(images)), atol=1e-6)
+    assert pool5.shape == (5, 128 * 16)
     assert torch.allclose(torch.relu(net.fc6(pool5)), fc6, atol=1e-5)
     with pytest.raises(ValueError, match="'pool9' is not pool5, fc6, fc7"):
-        network.extract_features(net, images, "pool9")
+        cnn_features.extract_features(net, images, "pool9")
     rgb = network.build_model("resnet18", num_classes=3, input_size=32, in_channels=3)
-    feats = network.extract_features(rgb, np.zeros((2, 32, 32, 3), np.uint8) + 100)
+    feats = cnn_features.extract_features(rgb, np.zeros((2, 32, 32, 3), np.uint8) + 100)
     assert feats.shape == (2, 512) and network.head_name(rgb).endswith("fc")
     with pytest.raises(ValueError, match="alexnet.*cannot take 32×32"):
         network.build_model("alexnet", 4, 32, 1)
     with pytest.raises(ValueError, match="unknown model 'nosuchnet'"):
         network.build_model("nosuchnet", 4, 32, 1)
-    p = network.pearson_normalise(np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))
+    p = similarity.pearson_normalise(np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))
     assert np.allclose(p[0], np.array([-1, 0, 1]) / math.sqrt(2)) and np.allclose(p[1], 0)
 
 
 def test_model_file_round_trip_and_backbone_loading():
     a = network.build_model("alexnet_small", 5, 32, 1)
     meta = {"name": "alexnet_small", "num_classes": 5, "input_size": 32, "in_channels": 1, "feature_layer": "fc7"}
-    b, meta_b = network.load_model_bytes(network.save_model_bytes(a, meta))
+    b, meta_b = model_file.load_model_bytes(model_file.save_model_bytes(a, meta))
     assert meta_b == meta
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     c = network.build_model("alexnet_small", 9, 32, 1)  # next round: K differs
@@ -239,7 +237,7 @@ def tiny_cfg(run: str, *overrides: str):
 
 def _load_state(run: str, round_: int):
     out = StageDir(run, round_, "model")
-    return network.load_model_bytes(storage.read_bytes(out.file("model.pt")))
+    return model_file.load_model_bytes(storage.read_bytes(out.file("model.pt")))
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +265,7 @@ def test_train_stage_commits_model_pt(trained):
     assert meta["num_classes"] == 8 and meta["clique_ids"] == list(range(100, 108))
     assert (meta["input_size"], meta["in_channels"], meta["feature_layer"]) == (SIZE, 1, "fc7")
     images = class_images(CLASSES, PER_CLASS, SIZE, seed=0)[0]
-    assert network.extract_features(net, images).shape == (32, network.FC_DIM)
+    assert cnn_features.extract_features(net, images).shape == (32, network.FC_DIM)
     assert not storage.exists(storage.join(StageDir(run, 0, "model").uri, "_ray_train"))  # cleaned up
     assert stage.run(cfg, 0)["skipped"]  # same config and inputs: nothing to do
 
@@ -294,7 +292,7 @@ def test_injected_failure_resumes_from_the_last_checkpoint_on_s3(trained, s3_buc
 
 
 def test_second_round_starts_from_the_previous_weights_on_two_ddp_workers(trained):
-    """Round 1 on 2 workers (the one DDP test: a 2-worker TorchTrainer costs ~20 s to start)."""
+    """Round 1 on 2 workers (the one DDP test: a 2-worker TorchTrainer is slow to start)."""
     from cliquecnn_ray.stages import train as stage
 
     run, _, _ = trained
@@ -303,7 +301,7 @@ def test_second_round_starts_from_the_previous_weights_on_two_ddp_workers(traine
     stats = record["stats"]
     assert stats["world_size"] == 2 and stats["steps"] == 2 and np.isfinite(stats["final_loss"])
     assert stats["lr"] == 0.0 and stats["head_warmup_steps"] == 2  # min(100, steps)
-    assert stage.round_lr(tiny_cfg(run, "train.lr=0.01", "train.lr_round_decay=0.5"), 2) == pytest.approx(0.0025)
+    assert training.round_lr(tiny_cfg(run, "train.lr=0.01", "train.lr_round_decay=0.5"), 2) == pytest.approx(0.0025)
     assert record["inputs"]["previous_model"] == StageDir(run, 0, "model").fingerprint()
     assert stats["initialised_from"].endswith("model.pt") and stats["initialised_tensors"] > 0
     first, _ = _load_state(run, 0)

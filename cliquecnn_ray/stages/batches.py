@@ -1,8 +1,8 @@
 """Stage ``batches`` of round r: batches of mutually distant cliques by CCCP (paper Sect. 2.3, docs/method.md#cccp).
 
-Inputs: ``StageDir(run, r, "cliques")`` (the cliques table and S' per category, ``read_clique_similarity``) and
-``StageDir(run, 0, "frames")`` (frame ids, checked against the cliques; images for the mosaic). The math is
-``cliquecnn_ray.batches``.
+Inputs: ``StageDir(run, r, "cliques")`` (the cliques table and S' per category,
+``stage_outputs.read_clique_similarity``) and ``StageDir(run, 0, "frames")`` (frame ids, checked against
+the cliques; images for the mosaic). The math is ``cliquecnn_ray.cccp``.
 
 Work: every category is its own problem with B = ``batches.num_batches`` batches *per category* of
 r = ``batches.cliques_per_batch`` of that category's cliques. Each category's problem is built once on the
@@ -28,13 +28,11 @@ import logging
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
-from .. import cccp
-from .. import figures, schema, storage
-from ..config import PipelineConfig, to_dict
+from .. import cccp, figures, schema, storage
+from ..config import PipelineConfig
 from ..rundir import StageDir, run_stage
+from ..stage_outputs import IMAGE_COLUMNS, decode_frames, read_clique_similarity, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +42,11 @@ MOSAIC_FILE = "mosaic.png"
 MOSAIC_SIZE = 64  # pixels per clique cell
 
 
-def _similarity_reader():
-    """``read_clique_similarity`` of the cliques stage (``stages/cliques.py``)."""
-    from .cliques import read_clique_similarity
-
-    return read_clique_similarity
-
-
 def load_cliques(cliques_dir: StageDir) -> dict[str, dict]:
     """The committed cliques → {category: {"clique_ids" (K,) int32 ascending, "frames" (K arrays of frame
     ids), "S" (K, K) float64}}, categories sorted. Errors name the category and the clique."""
     table = schema.check_columns(cliques_dir.read_table(), schema.CLIQUES, "cliques", str(cliques_dir))
-    sims = _similarity_reader()(cliques_dir)
+    sims = read_clique_similarity(cliques_dir)
     ids = table.column(schema.CLIQUE_ID).to_numpy()
     cats = np.asarray(table.column(schema.CATEGORY).to_pylist(), dtype=object)
     frames = table.column(schema.FRAME_IDS).to_pylist()
@@ -78,35 +69,15 @@ def load_cliques(cliques_dir: StageDir) -> dict[str, dict]:
     return out
 
 
-def _read_frames(frames_dir: StageDir, frame_ids: np.ndarray, columns: list[str]) -> pa.Table:
-    """Rows of the committed frames table for ``frame_ids`` only (a filtered scan, not the whole table)."""
-    uris = frames_dir.files(".parquet")
-    fs = storage.resolve(uris[0])[0]
-    dataset = pads.dataset([storage.resolve(u)[1] for u in uris], filesystem=fs, format="parquet")
-    present = [c for c in columns if c in dataset.schema.names]
-    return dataset.to_table(columns=present, filter=pc.field(schema.FRAME_ID).isin(pa.array(frame_ids, pa.int64())))
-
-
 def _frame_ids(frames_dir: StageDir) -> np.ndarray:
     return np.sort(frames_dir.read_table(columns=[schema.FRAME_ID]).column(schema.FRAME_ID).to_numpy())
 
 
 def mosaic_png(frames_dir: StageDir, clique_frames: list[np.ndarray]) -> bytes:
     """The mosaic of one batch: ``clique_frames`` (r arrays of frame ids) → PNG bytes."""
-    from ..hog import decode_images
-
-    wanted = np.unique(np.concatenate(clique_frames))
-    table = _read_frames(frames_dir, wanted, [schema.FRAME_ID, schema.IMAGE, schema.URI, schema.BBOX])
+    table = read_frames(frames_dir.run, np.unique(np.concatenate(clique_frames)), IMAGE_COLUMNS)
     order = {int(f): i for i, f in enumerate(table.column(schema.FRAME_ID).to_numpy())}
-    cols = table.column_names
-    images = decode_images(
-        images=table.column(schema.IMAGE).to_pylist() if schema.IMAGE in cols else None,
-        uris=table.column(schema.URI).to_pylist() if schema.URI in cols else None,
-        bboxes=table.column(schema.BBOX).to_pylist() if schema.BBOX in cols else None,
-        size=MOSAIC_SIZE,
-        grey=False,
-        frame_ids=table.column(schema.FRAME_ID).to_numpy(),
-    )
+    images = decode_frames(table, MOSAIC_SIZE, grey=False)
     return figures.clique_mosaic_png([images[[order[int(f)] for f in frames]] for frames in clique_frames])
 
 
@@ -131,7 +102,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
     frames_dir = StageDir(cfg.run, 0, "frames")
     inputs = {"cliques": cliques_dir.fingerprint(), "frames": frames_dir.fingerprint()}
     bc = cfg.batches
-    config = {"batches": to_dict(bc)}
+    config = {"batches": bc}
     if bc.solver not in ("fast", "exact"):
         raise cccp.BatchesError(f"batches.solver = {bc.solver!r}; use 'fast' or 'exact'")
     if bc.restarts < 1:
@@ -160,21 +131,25 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
         for cat, (prob, refs) in pending.items():
             results = ray.get(refs)
             best = cccp.best_restart(results)
+            fallbacks = [res["fallback"] for res in results if res["fallback"]]
+            if fallbacks:  # once per category, not once per restart or CCCP step
+                log.warning("batches: category %r: solver fallback in %d of %d restarts: %s", cat, len(fallbacks),
+                            len(results), fallbacks[0])
             stats = cccp.batch_stats(best["batches"], prob, best["X"], seed=bc.seed)
             stats.update({
                 "solver": best["solver"],
                 "fallback": best["fallback"],
                 "cccp_iters": best["iters"],
-                "cccp_seconds": float(f"{best['seconds']:.3f}"),  # (`round` is the stage argument here)
+                "cccp_seconds": round(best["seconds"], 3),
                 "restart_objectives": [r["objective_rounded"] for r in results],
                 "K": prob.K, "B": prob.B, "r": prob.r, "patterns": prob.M,
             })
             per_category[cat] = stats
             global_ids = categories[cat]["clique_ids"][best["batches"]]  # (B, r) local → global clique ids
             batch_rows.append((cat, np.sort(global_ids, axis=1)))
-            log.info("batches: category %r: %s solver%s, within-batch S' %.3f (random %.3f), high pairs %.3f "
+            log.info("batches: category %r: %s solver, within-batch S' %.3f (random %.3f), high pairs %.3f "
                      "(random %.3f), coverage/batch %.1f (random %.1f), total %.2f, %d distinct, binary %.3f",
-                     cat, best["solver"], f" ({best['fallback']})" if best["fallback"] else "",
+                     cat, best["solver"],
                      stats["within_batch_sim"], stats["within_batch_sim_random"], stats["high_pair_share"],
                      stats["high_pair_share_random"], stats["coverage_per_batch_mean"],
                      stats["coverage_per_batch_random"], stats["total_coverage"], stats["distinct_batches"],

@@ -2,7 +2,7 @@
 docs/method.md#compact-cliques).
 
 Inputs: ``StageDir(run, r, "neighbours")`` (frame_id, nn_ids), ``StageDir(run, r, "features")`` (φ, L2-normalised)
-and ``StageDir(run, 0, "frames")`` (frame_id, video_id, category). The math is ``cliquecnn_ray.cliques``.
+and ``StageDir(run, 0, "frames")`` (frame_id, video_id, category). The math is ``cliquecnn_ray.linkage``.
 
 Work: per category (sorted), the seeds (every frame that has a neighbours row, or a seeded random subset of
 ``cliques.max_seeds``) are cut into chunks of ``cliques.seeds_per_task``, each chunk one Ray task
@@ -22,7 +22,7 @@ Outputs (committed together by ``rundir.run_stage`` into ``StageDir(run, r, "cli
   ``clique_id`` int32 and ``similarity`` list<float32>, the clique's row of its category's S' over that
   category's cliques in ascending clique_id order. S'_ab = mean pairwise sample similarity of cliques a
   and b; the diagonal includes self-pairs (S' = M Mᵀ of clique mean features), then ``project_psd``.
-  Read it with ``read_clique_similarity(stage_dir)``.
+  Read it with ``stage_outputs.read_clique_similarity(stage_dir)``.
 
 Stats (``_SUCCESS.json``): ``rows`` (cliques in all), and per category the number of cliques, mean size,
 mean compactness, frames covered and the fraction of cliques whose frames all come from one video.
@@ -36,80 +36,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import linkage
-from .. import schema, storage
-from ..config import PipelineConfig, to_dict
+from .. import linkage, schema, storage
+from ..config import PipelineConfig
 from ..rundir import StageDir, run_stage
+from ..stage_outputs import write_clique_similarity
 
 log = logging.getLogger(__name__)
 
 CLIQUES_FILE = "cliques.parquet"
-SIMILARITY_FILE = "clique_similarity.arrow"
-SIMILARITY = "similarity"
-SIMILARITY_SCHEMA = pa.schema(
-    [
-        pa.field(schema.CATEGORY, pa.string(), nullable=False),
-        pa.field(schema.CLIQUE_ID, pa.int32(), nullable=False),
-        pa.field(SIMILARITY, pa.list_(pa.float32())),
-    ]
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading S'
-
-
-def read_clique_similarity(stage_dir: StageDir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """S' of each category from a committed cliques stage.
-
-    Returns {category: (clique_ids (K,) int32 ascending, S' (K, K) float32)}, S'[a, b] the similarity of
-    clique_ids[a] and clique_ids[b].
-    """
-    uri = stage_dir.file(SIMILARITY_FILE)
-    with pa.ipc.open_file(pa.BufferReader(storage.read_bytes(uri))) as reader:
-        table = reader.read_all()
-    return similarity_from_table(table, source=uri)
-
-
-def similarity_from_table(table: pa.Table, source: str = "") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The clique-similarity table → {category: (clique_ids (K,), S' (K, K) float32)}; checks shapes."""
-    table = schema.check_columns(table, SIMILARITY_SCHEMA, "clique_similarity", source)
-    categories = np.asarray(table.column(schema.CATEGORY).to_pylist(), dtype=object)
-    ids = table.column(schema.CLIQUE_ID).to_numpy()
-    lengths = pc.list_value_length(table.column(SIMILARITY)).to_numpy(zero_copy_only=False)
-    values = table.column(SIMILARITY).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    offsets = np.r_[0, np.cumsum(lengths)]
-    out = {}
-    for cat in sorted(set(categories.tolist())):
-        rows = np.flatnonzero(categories == cat)
-        rows = rows[np.argsort(ids[rows], kind="stable")]
-        k = len(rows)
-        bad = rows[lengths[rows] != k]
-        if len(bad):
-            raise schema.SchemaError(
-                f"clique_similarity table ({source}): column '{SIMILARITY}' of clique_id {ids[bad[0]]} "
-                f"(category {cat!r}) has {lengths[bad[0]]} values, expected {k} (the category's cliques)"
-            )
-        sim = np.stack([values[offsets[r] : offsets[r + 1]] for r in rows]).astype(np.float32)
-        out[cat] = (ids[rows].astype(np.int32), sim)
-    return out
-
-
-def similarity_to_table(blocks: list[tuple[str, np.ndarray, np.ndarray]]) -> pa.Table:
-    """[(category, clique_ids (K,), S' (K, K))] → the clique-similarity table (one row per clique)."""
-    cats, ids, rows = [], [], []
-    for cat, cids, sim in blocks:
-        cats += [cat] * len(cids)
-        ids.append(np.asarray(cids, dtype=np.int32))
-        rows += [np.asarray(r, dtype=np.float32) for r in sim]
-    return pa.table(
-        {
-            schema.CATEGORY: pa.array(cats, pa.string()),
-            schema.CLIQUE_ID: pa.array(np.concatenate(ids) if ids else np.zeros(0, np.int32), pa.int32()),
-            SIMILARITY: pa.array(rows, pa.list_(pa.float32())),
-        },
-        schema=SIMILARITY_SCHEMA,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +84,10 @@ def load_inputs(cfg: PipelineConfig, round_: int) -> dict:
     video_codes[frame_ids] = video
 
     fids, feats = schema.table_to_features(feats_dir.read_table(), source=str(feats_dir))
-    bad = np.flatnonzero((fids < 0) | (fids >= n) | ~known[np.clip(fids, 0, max(n - 1, 0))]) if n else np.arange(len(fids))
+    if n:
+        bad = np.flatnonzero((fids < 0) | (fids >= n) | ~known[np.clip(fids, 0, max(n - 1, 0))])
+    else:
+        bad = np.arange(len(fids))
     if len(bad):
         raise schema.SchemaError(
             f"features table ({feats_dir}): column '{schema.FRAME_ID}' names frame {fids[bad[0]]}, "
@@ -275,9 +212,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
         "features": feats_dir.fingerprint(),
         "neighbours": nb_dir.fingerprint(),
     }
-    config = {"cliques": to_dict(cfg.cliques)}
-    if cfg.cliques.max_seeds > 0:
-        config["seed"] = cfg.seed  # the random seed subset depends on it; otherwise it plays no part
+    config = {"cliques": cfg.cliques, "seed": cfg.seed}  # the seed subset and the spread k-means use it
 
     def compute(attempt_uri: str) -> dict:
         import ray
@@ -297,7 +232,8 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
                 seed_task.remote(arrays["seeds"][i : i + step], nn_ref, feats_ref, video_ref, cfg.cliques)
                 for i in range(0, len(arrays["seeds"]), step)
             ]
-            pending.append((cat, arrays["frames"], finish_task.remote(feats_ref, video_ref, cfg.cliques, cat, cfg.seed, *chunks)))
+            finished = finish_task.remote(feats_ref, video_ref, cfg.cliques, cat, cfg.seed, *chunks)
+            pending.append((cat, arrays["frames"], finished))
             log.info("cliques: category %r: %d frames, %d seeds in %d tasks",
                      cat, len(arrays["frames"]), len(arrays["seeds"]), len(chunks))
 
@@ -333,11 +269,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
             schema=schema.CLIQUES,
         )
         storage.write_parquet(table, storage.join(attempt_uri, CLIQUES_FILE))
-        sink = pa.BufferOutputStream()
-        sim_table = similarity_to_table(blocks)
-        with pa.ipc.new_file(sink, sim_table.schema) as writer:
-            writer.write_table(sim_table)
-        storage.write_bytes(storage.join(attempt_uri, SIMILARITY_FILE), sink.getvalue().to_pybytes())
+        write_clique_similarity(blocks, attempt_uri)
         return {"rows": table.num_rows, "categories": per_category}
 
     return run_stage(StageDir(cfg.run, round_index, "cliques"), config, inputs, compute, force)

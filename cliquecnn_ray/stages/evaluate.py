@@ -9,25 +9,25 @@ either form of docs/data-contracts.md#labels:
   Sports figure) and AP over each query's own candidates; no kNN (no classes).
 The evaluation set is the frames the labels table names, per category (from the frames table). Features are
 Pearson-normalised per frame (``evaluate.pearson``), then optionally Local Temporal Pooled (``ltp_p``).
+With ``evaluate.exclude_same_video`` the evaluation is cross-video: a query's candidates exclude the frames
+of its own clip (video_id), so near-duplicate frames of one clip cannot inflate AUC, kNN or mAP.
 Work: one Ray task per (category, chunk of queries), each returning additive ``evaluate.Partial`` sums.
 Writes ``metrics.json`` (with the curves), ``roc.png`` and ``pr.png``; the record's stats are the metrics
 without the curves (read by the pipeline and the report).
 """
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 
-from .. import diffusion, metrics
-from .. import raysetup, schema, storage
-from ..config import PipelineConfig, to_dict
-from ..metrics import format_metrics_table  # noqa: F401  (re-exported: the pipeline and benchmarks use it)
-from ..similarity import ltp_features
-from ..rundir import StageDir, run_stage, source_fingerprint
+from .. import diffusion, figures, metrics, raysetup, schema, storage
+from ..config import PipelineConfig, hashed_view, to_dict
+from ..metrics import format_metrics_table
+from ..rundir import StageDir, StageNotCommitted, matches, run_stage, source_fingerprint
+from ..similarity import ltp_features, pearson_normalise
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +54,7 @@ def run(
     _check_rerank(cfg, features_stage)
     features = StageDir(cfg.run, round_index, features_stage)
     frames = StageDir(cfg.run, 0, "frames")
-    inputs = {
-        "features": features.fingerprint(),
-        "frames": frames.fingerprint(),
-        "labels": source_fingerprint(ecfg.labels),
-    }
-    if ecfg.rerank == "diffusion":
-        # The graph is the round's neighbours table (for the last round: `cliquecnn neighbours --round R`).
-        inputs["neighbours"] = StageDir(cfg.run, round_index, "neighbours").fingerprint()
-    evaluate_config = to_dict(ecfg)
-    if ecfg.rerank != "diffusion":
-        del evaluate_config["diffusion"]  # its settings change nothing then: committed evaluations stay valid
-    config = {"evaluate": evaluate_config, "features_stage": features_stage, "ltp_p": ltp_p}
+    config, inputs = _spec(cfg, round_index, features_stage, ltp_p)
 
     def compute(attempt_uri: str) -> dict:
         result = evaluate_run(cfg, features, frames, ltp_p)
@@ -75,13 +64,15 @@ def run(
             "similarity": "pearson" if ecfg.pearson else "dot",
             "ltp_p": ltp_p,
             "knn_k": ecfg.knn_k,
+            "exclude_same_video": ecfg.exclude_same_video,
             "roc_points": metrics.ROC_POINTS,
             "rerank": ecfg.rerank,
         }
         if ecfg.rerank == "diffusion":
             result["protocol"]["diffusion"] = to_dict(ecfg.diffusion)
         storage.write_json(storage.join(attempt_uri, "metrics.json"), result)
-        roc_png, pr_png = plot_curves(result, title=f"{features}" + (f", LTP ±{ltp_p}" if ltp_p else ""))
+        title = f"{features}" + (f", LTP ±{ltp_p}" if ltp_p else "")
+        roc_png, pr_png = figures.roc_and_pr_curves_png(result, title=title)
         storage.write_bytes(storage.join(attempt_uri, "roc.png"), roc_png)
         storage.write_bytes(storage.join(attempt_uri, "pr.png"), pr_png)
         rows = {f"  {cat}": m for cat, m in result["per_category"].items()} if len(result["per_category"]) > 1 else {}
@@ -92,6 +83,35 @@ def run(
         return stats
 
     return run_stage(StageDir(cfg.run, round_index, out_stage), config, inputs, compute, force=force)
+
+
+def _spec(cfg: PipelineConfig, round_index: int, features_stage: str, ltp_p: int) -> tuple[dict, dict]:
+    """The stage's config and inputs: what its record must match."""
+    inputs = {
+        "features": StageDir(cfg.run, round_index, features_stage).fingerprint(),
+        "frames": StageDir(cfg.run, 0, "frames").fingerprint(),
+        "labels": source_fingerprint(cfg.evaluate.labels),
+    }
+    evaluate_config = hashed_view(cfg.evaluate)  # a dict, so the diffusion settings can be left out
+    if cfg.evaluate.rerank == "diffusion":
+        # The graph is the round's neighbours table (for the last round: `cliquecnn neighbours --round R`).
+        inputs["neighbours"] = StageDir(cfg.run, round_index, "neighbours").fingerprint()
+    else:
+        del evaluate_config["diffusion"]  # its settings change nothing then: committed evaluations stay valid
+    return {"evaluate": evaluate_config, "features_stage": features_stage, "ltp_p": ltp_p}, inputs
+
+
+def current_record(cfg: PipelineConfig, round_index: int) -> Optional[dict]:
+    """The round's committed evaluation if it was made with this config from the round's committed
+    features; None when there is none or it is stale (an older config, features recomputed since)."""
+    record = StageDir(cfg.run, round_index, "evaluate").record()
+    if record is None or not cfg.evaluate.labels:
+        return None
+    try:
+        config, inputs = _spec(cfg, round_index, "features", 0)
+    except (StageNotCommitted, storage.StorageError):
+        return None
+    return record if matches(record, config, inputs) else None
 
 
 def _check_rerank(cfg: PipelineConfig, features_stage: str) -> None:
@@ -124,22 +144,27 @@ def evaluate_run(cfg: PipelineConfig, features: StageDir, frames: StageDir, ltp_
     frame_table = frames.read_table(columns=FRAME_COLUMNS)
     labels = storage.read_parquet(ecfg.labels)
     if ecfg.pearson:
-        feats = metrics.pearson_normalise(feats)  # per frame, before pooling: pooled vectors stay centred, unit norm
+        feats = pearson_normalise(feats)  # per frame, before pooling: pooled vectors stay centred, unit norm
     if ltp_p > 0:
         feats = ltp_features(ids, feats, frame_table, ltp_p)
-    category_of = _categories_by_row(ids, frame_table, str(features))
+    category_of = _column_by_row(ids, frame_table, schema.CATEGORY, str(features))
+    # Clip of each row as an int code, when a query's own clip is left out of its candidates (cross-video).
+    video_of = None
+    if ecfg.exclude_same_video:
+        videos = _column_by_row(ids, frame_table, schema.VIDEO_ID, str(features))
+        video_of = metrics.encode_labels(videos.astype(str))[0]
     raysetup.init_ray()
     cpus = cfg.resources.cpus_per_task
     graph = None
     if ecfg.rerank == "diffusion":
         graph = diffusion.load_knn_graph(cfg.run, features.round, ecfg.diffusion.k, ecfg.diffusion.gamma)
     if schema.LABEL in labels.column_names:
-        jobs = _class_jobs(cfg, labels, ids, feats, category_of, cpus, graph)
+        jobs = _class_jobs(cfg, labels, ids, feats, category_of, video_of, cpus, graph)
     elif graph is not None:
         raise ValueError(f"evaluate.rerank = diffusion re-ranks whole rankings of class labels; the labels "
                          f"table ({ecfg.labels}) holds candidate lists")
     elif schema.QUERY_ID in labels.column_names:
-        jobs = _candidate_jobs(cfg, labels, ids, feats, category_of, cpus)
+        jobs = _candidate_jobs(cfg, labels, ids, feats, category_of, video_of, cpus)
     else:
         raise schema.SchemaError(
             f"labels table ({ecfg.labels}): needs columns ({schema.FRAME_ID}, {schema.LABEL}) or "
@@ -155,8 +180,8 @@ def evaluate_run(cfg: PipelineConfig, features: StageDir, frames: StageDir, ltp_
     return result
 
 
-def _categories_by_row(ids: np.ndarray, frames: pa.Table, features_name: str) -> np.ndarray:
-    """Category of each features row (features sorted by frame_id)."""
+def _column_by_row(ids: np.ndarray, frames: pa.Table, column: str, features_name: str) -> np.ndarray:
+    """The frames table's ``column`` (category, video_id) of each features row (features sorted by frame_id)."""
     frame_ids = frames.column(schema.FRAME_ID).to_numpy().astype(np.int64)
     order = np.argsort(frame_ids, kind="stable")
     at = np.minimum(np.searchsorted(frame_ids[order], ids), len(order) - 1)
@@ -165,8 +190,8 @@ def _categories_by_row(ids: np.ndarray, frames: pa.Table, features_name: str) ->
         raise schema.SchemaError(
             f"{features_name}: frame_id {ids[np.argmax(missing)]} has features but no row in the frames table"
         )
-    cats = frames.column(schema.CATEGORY).to_numpy(zero_copy_only=False)
-    return np.asarray(cats[order[at]], dtype=object)
+    values = frames.column(column).to_numpy(zero_copy_only=False)
+    return np.asarray(values[order[at]], dtype=object)
 
 
 def _rows_of(wanted: np.ndarray, ids: np.ndarray, what: str, source: str) -> np.ndarray:
@@ -195,7 +220,7 @@ def _selected(cfg: PipelineConfig, cats: np.ndarray, source: str) -> list[str]:
     return present
 
 
-def _class_jobs(cfg, labels, ids, feats, category_of, cpus, graph=None) -> list[tuple[str, Any]]:
+def _class_jobs(cfg, labels, ids, feats, category_of, video_of, cpus, graph=None) -> list[tuple[str, Any]]:
     import ray
 
     source = cfg.evaluate.labels
@@ -223,6 +248,7 @@ def _class_jobs(cfg, labels, ids, feats, category_of, cpus, graph=None) -> list[
         feats_ref = ray.put(np.ascontiguousarray(feats[rows[sel]]))
         codes_ref = ray.put(codes)
         rescore_ref = None if graph is None else ray.put(_rescorer(cfg, graph, feats, category_of == cat, rows[sel]))
+        videos_ref = None if video_of is None else ray.put(video_of[rows[sel]])
         n = len(sel)
         row_block = metrics.row_block_for(n, cfg.evaluate.memory_mb)
         step = max(1, cfg.evaluate.queries_per_task)
@@ -230,7 +256,7 @@ def _class_jobs(cfg, labels, ids, feats, category_of, cpus, graph=None) -> list[
                  -(-n // step))
         for start in range(0, n, step):
             jobs.append((cat, task.remote(feats_ref, codes_ref, k, start, min(n, start + step), row_block,
-                                          rescore_ref)))
+                                          videos_ref, rescore_ref)))
     return jobs
 
 
@@ -241,7 +267,7 @@ def _rescorer(cfg, graph, feats, in_category, item_rows) -> diffusion.DiffusionR
     return diffusion.DiffusionRescorer(graph, pool, feats[pool], item_rows, dcfg.alpha, dcfg.truncate)
 
 
-def _candidate_jobs(cfg, labels, ids, feats, category_of, cpus) -> list[tuple[str, Any]]:
+def _candidate_jobs(cfg, labels, ids, feats, category_of, video_of, cpus) -> list[tuple[str, Any]]:
     import ray
 
     source = cfg.evaluate.labels
@@ -268,6 +294,8 @@ def _candidate_jobs(cfg, labels, ids, feats, category_of, cpus) -> list[tuple[st
             cand, positive, valid = metrics.pad_candidates(
                 [cand_rows[schema.POSITIVE_IDS][i] for i in chunk], [cand_rows[schema.NEGATIVE_IDS][i] for i in chunk]
             )
+            if video_of is not None:
+                valid &= video_of[cand] != video_of[query_rows[chunk]][:, None]
             jobs.append((cat, task.remote(feats_ref, query_rows[chunk], cand, positive, valid)))
     return jobs
 
@@ -277,57 +305,14 @@ def _split(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
     return np.split(flat, bounds) if like else []
 
 
-def _class_task_fn(feats, codes, k, start, stop, row_block, rescore=None) -> metrics.Partial:
-    return metrics.class_partial(feats, codes, k=k, start=start, stop=stop, row_block=row_block, rescore=rescore)
+def _class_task_fn(feats, codes, k, start, stop, row_block, videos, rescore=None) -> metrics.Partial:
+    return metrics.class_partial(feats, codes, k=k, start=start, stop=stop, row_block=row_block, videos=videos,
+                                 rescore=rescore)
 
 
 def _candidate_task_fn(feats, query_rows, cand, positive, valid) -> metrics.Partial:
     scores = metrics.candidate_scores(feats[query_rows], feats, cand)
     return metrics.candidate_partial(scores, positive, valid)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pictures
-
-
-def plot_curves(result: dict[str, Any], title: str = "") -> tuple[bytes, bytes]:
-    """PNG bytes of the mean ROC curves and the mean interpolated precision-recall curves, per category
-    (thin) and over all queries (thick), from ``result["curves"]``. Matplotlib's Agg canvas, no pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    curves = result["curves"]
-    grid = np.asarray(curves["grid"])
-    per_category = curves["per_category"]
-    pngs = []
-    for key, xlabel, ylabel, name in (
-        ("mean_tpr", "false positive rate", "true positive rate (mean over queries)", "ROC"),
-        ("mean_precision", "recall", "interpolated precision (mean over queries)", "precision-recall"),
-    ):
-        fig = Figure(figsize=(5.5, 5), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        legend = len(per_category) <= 12
-        if len(per_category) > 1:
-            for cat, c in per_category.items():
-                m = result["per_category"][cat]
-                if m["n_queries"]:
-                    label = f"{cat} ({m['auc_mean_roc']:.3f})" if key == "mean_tpr" else f"{cat} ({m['map']:.3f})"
-                    ax.plot(grid, c[key], linewidth=0.8, alpha=0.7, label=label if legend else None)
-        overall = f"all ({result['auc_mean_roc_all_queries']:.3f})" if key == "mean_tpr" else f"all (mAP {result['map']:.3f})"
-        ax.plot(grid, curves["all"][key], color="black", linewidth=2.0, label=overall)
-        if key == "mean_tpr":
-            ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{name}: {title}" if title else name, fontsize=9)
-        ax.legend(fontsize=7, loc="lower right" if key == "mean_tpr" else "lower left")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        pngs.append(buf.getvalue())
-    return pngs[0], pngs[1]
 
 
 def read_metrics(cfg: PipelineConfig, round_index: int = 0, out_stage: str = "evaluate") -> Optional[dict]:

@@ -18,8 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import hog
-from .. import raysetup, schema, storage
+from .. import hog, raysetup, schema, storage
 from ..config import FeaturesConfig, PipelineConfig
 from ..rundir import StageDir, run_stage
 

@@ -3,7 +3,7 @@ frame, Pearson-normalised, then Local Temporal Pooling, committed as the next ro
 
 CNN features come from Ray Data ``map_batches`` with a class (``FeatureExtractor``) that loads model.pt once
 per actor; actors get a GPU each when ``resources.gpus_for_impute``. LTP (Eq. 9) runs on the driver over
-whole videos: Φ_k = [φ_{k−p}; …; φ_{k+p}] / √(2p+1) (``neighbours.ltp_stack``).
+whole videos: Φ_k = [φ_{k−p}; …; φ_{k+p}] / √(2p+1) (``similarity.ltp_stack``).
 
 No re-normalisation after LTP: each φ is unit-norm and mean-zero (Pearson), so Φ_k is too (its squared
 norm is the mean of 2p+1 ones), and Φ_kᵀΦ_l is exactly Eq. 9's s', the mean of the 2p+1 frame
@@ -22,10 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import raysetup, schema, storage
-from ..config import PipelineConfig, to_dict
-from ..similarity import ltp_stack
+from ..config import PipelineConfig
+from ..model_file import MODEL_FILE
+from ..progress import Progress
 from ..rundir import StageDir, run_stage
-from .train import MODEL_FILE, absolute_uri, decode_frames, read_frames
+from ..similarity import ltp_stack
+from ..stage_outputs import IMAGE_COLUMNS, decode_frames, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class FeatureExtractor:
     def __init__(self, model_uri: str, use_gpu: bool, threads: int, batch_size: int):
         import torch
 
-        from ..network import load_model_bytes
+        from ..model_file import load_model_bytes
 
         torch.set_num_threads(threads)
         self.model, self.meta = load_model_bytes(storage.read_bytes(model_uri), source=model_uri)
@@ -51,7 +53,7 @@ class FeatureExtractor:
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from ..network import frame_features
+        from ..cnn_features import frame_features
 
         ids = batch.column(schema.FRAME_ID).to_numpy()
         images = decode_frames(batch, self.meta["input_size"], grey=self.meta["in_channels"] == 1)
@@ -84,10 +86,10 @@ def run(
     frames_dir = StageDir(cfg.run, 0, "frames")
     out = StageDir(cfg.run, round_index + 1, out_stage)
     inputs = {"model": model_dir.fingerprint(), "frames": frames_dir.fingerprint()}
-    stage_config = {"impute": to_dict(cfg.impute), "gpu": cfg.resources.gpus_for_impute}
+    stage_config = {"impute": cfg.impute, "gpu": cfg.resources.gpus_for_impute}
 
     def compute(attempt_uri: str) -> dict:
-        return _compute(cfg, absolute_uri(model_dir.file(MODEL_FILE)), frames_dir, attempt_uri)
+        return _compute(cfg, storage.absolute_uri(model_dir.file(MODEL_FILE)), frames_dir, attempt_uri)
 
     return run_stage(out, stage_config, inputs, compute, force=force)
 
@@ -100,7 +102,7 @@ def _compute(cfg: PipelineConfig, model_uri: str, frames_dir: StageDir, attempt_
     fs, _ = storage.resolve(files[0])
     paths = [storage.resolve(f)[1] for f in files]
     present = set(pq.read_schema(paths[0], filesystem=fs).names)
-    columns = [c for c in (schema.FRAME_ID, schema.IMAGE, schema.URI, schema.BBOX) if c in present]
+    columns = [c for c in IMAGE_COLUMNS if c in present]
     use_gpu = cfg.resources.gpus_for_impute
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.resources.cpus_per_task}
     t0 = time.time()
@@ -119,13 +121,19 @@ def _compute(cfg: PipelineConfig, model_uri: str, frames_dir: StageDir, attempt_
         compute=pool,
         **resources,
     )
-    tables = ray.get(ds.to_arrow_refs())
+    expected_rows = (frames_dir.require().get("stats") or {}).get("rows")
+    tables = []
+    with Progress("impute", expected_rows or 0, log, unit="frames") as shown:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # whole blocks, as they finish
+            tables.append(block)
+            shown.update(block.num_rows)
     extract_seconds = time.time() - t0
     table = pa.concat_tables(tables) if tables else schema.features_to_table(np.zeros(0), np.zeros((0, 0)))
     ids, feats = schema.table_to_features(table, source="impute")
-    expected = int((frames_dir.require().get("stats") or {}).get("rows", len(ids)))
+    expected = int(expected_rows if expected_rows is not None else len(ids))
     if len(ids) != expected or len(np.unique(ids)) != len(ids):
-        raise ValueError(f"impute: got features for {len(np.unique(ids))} distinct frames, {frames_dir} holds {expected}")
+        raise ValueError(f"impute: got features for {len(np.unique(ids))} distinct frames, "
+                         f"{frames_dir} holds {expected}")
     zero = int((np.abs(feats).sum(axis=1) == 0).sum())
     if zero:
         log.warning("impute: %d frame(s) have a constant CNN feature vector (zero after centring)", zero)

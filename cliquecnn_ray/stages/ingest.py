@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 
-from .. import raysetup, rundir, frame_sources, storage
+from .. import frame_sources, raysetup, rundir, storage
 from ..config import PipelineConfig, to_dict
 from ..frame_sources import IngestError
 from ..rundir import StageDir
@@ -40,15 +40,12 @@ def _ingest(units: list[dict], cfg: PipelineConfig, attempt_uri: str) -> dict:
     raysetup.init_ray()  # idempotent: keeps a connected Ray, else starts a local one
     icfg = cfg.ingest
     cpus = cfg.resources.cpus_per_task
-    attempt = frame_sources.absolute_uri(attempt_uri)
+    attempt = storage.absolute_uri(attempt_uri)
     staging = storage.join(attempt, "_staging")
 
     # Pass 1: decode every unit in parallel into staging files.
     summaries = _fan_out(lambda unit: frame_sources.ingest_unit(unit, icfg, staging), units, cpus)
-    errors = [s["error"] for s in summaries if s["error"]]
-    if errors:
-        more = f" ({len(errors) - 1} more inputs failed too)" if len(errors) > 1 else ""
-        raise IngestError(errors[0] + more)
+    frame_sources.raise_all([s["error"] for s in summaries if s["error"]])
     skipped = [frame for s in summaries for frame in s["skipped"]]
     for frame in skipped:
         log.warning("ingest: skipped frame %s of video %r (%s): %s", frame["frame_index"], frame["video_id"],
@@ -108,7 +105,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
         raise ValueError(f"ingest writes the frames of round 0 only, not round {round_index}")
     frame_sources.check_config(cfg.ingest)
     units = frame_sources.plan_sources(cfg.sources, cfg.ingest)
-    inputs = {source: rundir.source_fingerprint(frame_sources.absolute_uri(source)) for source in cfg.sources}
+    inputs = {source: rundir.source_fingerprint(storage.absolute_uri(source)) for source in cfg.sources}
     # The order of the sources fixes frame_id, so it is configuration: reordering them recomputes.
     config = {**to_dict(cfg.ingest), "sources": list(cfg.sources)}
     out = StageDir(cfg.run, 0, "frames")

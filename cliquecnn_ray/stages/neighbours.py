@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
+
 import numpy as np
 import ray
 
 from .. import raysetup, schema, similarity, storage
 from ..config import PipelineConfig
+from ..progress import Progress
 from ..rundir import StageDir, run_stage
 
 log = logging.getLogger(__name__)
@@ -143,13 +145,15 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
         # Write each block's part as it arrives (driver memory: one block of results at a time).
         by_ref = {p[0]: p[1:] for p in pending}
         remaining = list(by_ref)
-        while remaining:
-            done, remaining = ray.wait(remaining, num_returns=1)
-            ci, bi, block_ids = by_ref.pop(done[0])
-            table = similarity.extremes_to_table(block_ids, ray.get(done[0]))
-            storage.write_parquet(table, storage.join(attempt_uri, f"part-{ci:04d}-{bi:05d}.parquet"))
-            rows += table.num_rows
-            tasks += 1
+        with Progress("neighbours", len(ids), log, unit="frames") as shown:
+            while remaining:
+                done, remaining = ray.wait(remaining, num_returns=1)
+                ci, bi, block_ids = by_ref.pop(done[0])
+                table = similarity.extremes_to_table(block_ids, ray.get(done[0]))
+                storage.write_parquet(table, storage.join(attempt_uri, f"part-{ci:04d}-{bi:05d}.parquet"))
+                rows += table.num_rows
+                tasks += 1
+                shown.update(table.num_rows)
         log.info("neighbours: %d frames in %d categories, %d tasks, %.1f s", rows, len(k_used), tasks,
                  time.time() - started)
         return {"rows": rows, "categories": len(k_used), "tasks": tasks, "k": k_used, "d": int(feats.shape[1])}

@@ -1,24 +1,29 @@
-"""Report stage: gathers the run's committed outputs into ``<run>/report/index.html`` with its PNGs.
+"""Report stage: gathers the run's committed outputs into one HTML page with its PNGs, committed as the
+stage ``<run>/report`` (``<run>/report/attempt-*/index.html``; ``<run>/report/index.html`` points at it).
 
-The report is a view of committed stages, rebuilt in full each time (cheap), so it is written directly
-(each file atomically) rather than committed as a round's stage.
+It shows only evaluations made with the current config from the current features
+(``evaluate.current_record``), and its fingerprint is made of what it shows, so it is rebuilt when any
+of that changes and skipped otherwise.
 """
 from __future__ import annotations
 
 import logging
-import time
+from typing import Optional
 
 import numpy as np
 
-from .. import html_report, schema, storage
+from .. import figures, html_report, schema, storage
 from ..config import PipelineConfig
+from ..lease import hold
+from ..rundir import StageDir, run_stage, source_fingerprint
 from ..similarity import similarity_tile
-from ..rundir import StageDir
+from . import evaluate
 
 log = logging.getLogger(__name__)
 
 NEIGHBOURS_SHOWN = 50  # paper Fig. 2 averages the 50 nearest neighbours
 QUERIES_SHOWN = 4
+NO_EVALUATION = "<p>No current evaluation (no labels configured, or none made with this config).</p>"
 
 
 def _features(cfg: PipelineConfig, round_: int, stage: str = "features"):
@@ -28,10 +33,9 @@ def _features(cfg: PipelineConfig, round_: int, stage: str = "features"):
     return schema.table_to_features(out.read_table(), source=str(out))
 
 
-def _metrics_rows(cfg: PipelineConfig) -> dict[str, dict]:
+def _metrics_rows(cfg: PipelineConfig, evaluations: dict[int, dict]) -> dict[str, dict]:
     rows: dict[str, dict] = {}
-    for r in range(cfg.rounds + 1):
-        record = StageDir(cfg.run, r, "evaluate").record()
+    for r, record in evaluations.items():
         if record:
             name = "round 0 (HOG-LDA)" if r == 0 else f"round {r}" + (" (final)" if r == cfg.rounds else "")
             rows[name] = record["stats"]
@@ -43,18 +47,43 @@ def _metrics_rows(cfg: PipelineConfig) -> dict[str, dict]:
 
 
 def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
-    started = time.time()
-    out = storage.join(cfg.run, "report")
+    """Commit the report of the run's current outputs (``round_index`` is unused: the report spans the run)."""
+    evaluations = {r: evaluate.current_record(cfg, r) for r in range(cfg.rounds + 1)}
+    for r, record in evaluations.items():
+        if record is None and StageDir(cfg.run, r, "evaluate").record() is not None:
+            log.warning("report: the round %d evaluation was made with another config or other features; "
+                        "not shown (run evaluate again)", r)
+    inputs = {f"evaluate round {r}": record["fingerprint"] for r, record in evaluations.items() if record}
+    for r in range(cfg.rounds + 1):
+        for name in ("features", "batches"):
+            record = StageDir(cfg.run, r, name).record()
+            if record:
+                inputs[f"{name} round {r}"] = record["fingerprint"]
+    inputs["frames"] = StageDir(cfg.run, 0, "frames").fingerprint()
+    baselines = storage.join(cfg.run, "baselines.json")
+    if storage.exists(baselines):
+        inputs["baselines"] = source_fingerprint(baselines)
+    out = StageDir(cfg.run, None, "report")
+    with hold(cfg.run):
+        record = run_stage(out, {"rounds": cfg.rounds, "seed": cfg.seed}, inputs,
+                           lambda attempt_uri: _write_report(cfg, evaluations, attempt_uri), force=force)
+        # <run>/report/index.html points at the committed page, so the report keeps one address.
+        page = f"{record['attempt']}/index.html"
+        storage.write_bytes(storage.join(out.uri, "index.html"),
+                            f"<meta http-equiv='refresh' content='0; url={page}'><a href='{page}'>report</a>".encode())
+    return record
+
+
+def _write_report(cfg: PipelineConfig, evaluations: dict[int, Optional[dict]], out: str) -> dict:
     sections: list[tuple[str, str]] = []
     files: dict[str, bytes] = {}
 
-    rows = _metrics_rows(cfg)
+    rows = _metrics_rows(cfg, evaluations)
     sections.append(("Metrics across rounds and baselines",
-                     html_report.metrics_table_html(rows) if rows else "<p>No evaluation (no labels configured).</p>"))
+                     html_report.metrics_table_html(rows) if rows else NO_EVALUATION))
 
     for r in (0, cfg.rounds):
-        record = StageDir(cfg.run, r, "evaluate").record()
-        if record:
+        if evaluations.get(r):
             for uri in StageDir(cfg.run, r, "evaluate").files(".png"):
                 name = f"round{r}_" + uri.rsplit("/", 1)[-1]
                 files[name] = storage.read_bytes(uri)
@@ -76,16 +105,16 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
         rows_v = html_report.pick_longest_video(video_ids[order])
         if rows_v is not None:
             idx = order[rows_v]
-            files["fig1_similarity_matrix.png"] = html_report.similarity_matrices_png(
+            files["fig1_similarity_matrix.png"] = figures.similarity_matrices_png(
                 before[1][idx], after[1][idx], f"video {video_ids[idx[0]]}"
             )
             sections.append(("Similarity matrix of one video (paper Fig. 1)", "<img src='fig1_similarity_matrix.png'>"))
         files["fig2_nearest_neighbours.png"] = _neighbour_means(cfg, before[1], after[1], final_round)
         sections.append((f"Mean of the {NEIGHBOURS_SHOWN} nearest neighbours of a few queries (paper Fig. 2)",
                          "<img src='fig2_nearest_neighbours.png'>"))
-        files["fig4_spectrum.png"] = html_report.spectrum_png(
-            {"HOG-LDA (round 0)": html_report.eigen_spectrum(before[1]),
-             f"round {final_round}": html_report.eigen_spectrum(after[1])}
+        files["fig4_spectrum.png"] = figures.spectrum_png(
+            {"HOG-LDA (round 0)": figures.eigen_spectrum(before[1]),
+             f"round {final_round}": figures.eigen_spectrum(after[1])}
         )
         sections.append(("Cumulative eigenvalue spectrum of the similarities (paper Fig. 4)",
                          "<img src='fig4_spectrum.png'>"))
@@ -101,10 +130,9 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
         storage.write_bytes(storage.join(out, name), data)
     page = html_report.page_html(f"CliqueCNN run {cfg.run}", sections)
     storage.write_bytes(storage.join(out, "index.html"), page.encode())
-    seconds = time.time() - started
-    log.info("report: %s (%.1f s)", storage.join(out, "index.html"), seconds)
-    return {"skipped": False, "seconds": seconds, "stats": {"uri": storage.join(out, "index.html"),
-                                                            "figures": sorted(files)}}
+    log.info("report: %s", storage.join(out, "index.html"))
+    return {"uri": storage.join(out, "index.html"), "figures": sorted(files),
+            "rounds_evaluated": sorted(r for r, record in evaluations.items() if record)}
 
 
 def _neighbour_means(cfg: PipelineConfig, before: np.ndarray, after: np.ndarray, final_round: int) -> bytes:
@@ -134,4 +162,4 @@ def _neighbour_means(cfg: PipelineConfig, before: np.ndarray, after: np.ndarray,
         means = {name: images[[position[int(j)] for j in idx[qi]]].astype(np.float32).mean(axis=0)
                  for name, idx in wanted.items()}
         rows.append((images[position[int(q)]], means))
-    return html_report.neighbour_means_png(rows)
+    return figures.neighbour_means_png(rows)

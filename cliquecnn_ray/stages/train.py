@@ -1,6 +1,6 @@
 """Train stage (docs/method.md#the-loss): Ray Train ``TorchTrainer`` over the batches of cliques of one round.
 
-Three layers, as in Ray Train's examples: the pure step (``cliquecnn_ray.train``) → ``train_func``, the
+Three layers, as in Ray Train's examples: the pure step (``cliquecnn_ray.training``) → ``train_func``, the
 per-worker glue (load data, ``prepare_model`` for DDP, checkpoints through ``ray.train.report``, resume
 from ``ray.train.get_checkpoint``) → ``run``, the driver that builds the trainer and commits ``model.pt``
 to ``StageDir(run, round, "model")``.
@@ -23,22 +23,31 @@ import time
 from typing import Optional
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import torch
 
 from .. import schema, storage
-from ..config import PipelineConfig, config_hash, to_dict
-from ..hog import decode_images
-from ..network import build_model, load_backbone, load_model_bytes, save_model_bytes, unwrap
+from ..config import PipelineConfig, config_hash, hashed_view
+from ..model_file import MODEL_FILE, load_model_bytes, model_meta, save_model_bytes
+from ..network import build_model, load_backbone, unwrap
+from ..progress import Progress
+from ..raysetup import init_ray, setup_worker_logging
 from ..rundir import StageDir, run_stage
-from ..training import (AugmentParams, CliqueBatchSampler, HeadWarmup, derive_seed, head_param_groups, log_windows,
-                     make_optimizer, run_steps)
+from ..stage_outputs import IMAGE_COLUMNS, decode_frames, read_frames
+from ..training import (
+    CliqueBatchSampler,
+    HeadWarmup,
+    augment_params,
+    derive_seed,
+    head_param_groups,
+    log_windows,
+    make_optimizer,
+    round_lr,
+    round_steps,
+    run_steps,
+)
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "state.pt"
 STAGE_SEED = 5  # this stage's offset in the run seed (stages derive their seeds from cfg.seed)
 
@@ -49,30 +58,6 @@ class InjectedFailure(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
-
-
-def read_frames(run: str, frame_ids: Optional[np.ndarray] = None, columns: Optional[list[str]] = None) -> pa.Table:
-    """Rows of the committed frames table (round 0), only ``frame_ids`` when given (pushed down to the
-    Parquet reader), only the ``columns`` that exist among those asked for; sorted by frame_id."""
-    frames = StageDir(run, 0, "frames")
-    uris = frames.files(".parquet")
-    fs, _ = storage.resolve(uris[0])
-    dataset = pads.dataset([storage.resolve(u)[1] for u in uris], filesystem=fs, format="parquet")
-    names = dataset.schema.names
-    cols = [c for c in (columns or names) if c in names]
-    flt = None if frame_ids is None else pc.field(schema.FRAME_ID).isin(pa.array(np.asarray(frame_ids, np.int64)))
-    table = dataset.to_table(columns=cols, filter=flt)
-    return table.sort_by(schema.FRAME_ID)
-
-
-def decode_frames(table: pa.Table, size: int, grey: bool) -> np.ndarray:
-    """Frames table rows → uint8 (N, size, size) grey or (N, size, size, 3), cropped to bbox if any."""
-
-    def column(name: str):
-        return table.column(name).to_pylist() if name in table.column_names else None
-
-    return decode_images(column(schema.IMAGE), uris=column(schema.URI), bboxes=column(schema.BBOX), size=size,
-                         grey=grey, frame_ids=table.column(schema.FRAME_ID).to_numpy())
 
 
 @dataclasses.dataclass
@@ -91,7 +76,8 @@ def load_training_data(cfg: PipelineConfig, round_: int, seed: int, variant: str
     cliques = schema.check_columns(cliques_dir.read_table(), schema.CLIQUES, "cliques", str(cliques_dir))
     batches = schema.check_columns(batches_dir.read_table(), schema.BATCHES, "batches", str(batches_dir))
     if cliques.num_rows == 0 or batches.num_rows == 0:
-        raise ValueError(f"round {round_}: nothing to train on ({cliques.num_rows} cliques, {batches.num_rows} batches)")
+        raise ValueError(f"round {round_}: nothing to train on ({cliques.num_rows} cliques, "
+                         f"{batches.num_rows} batches)")
     cliques = cliques.sort_by(schema.CLIQUE_ID)
     clique_ids = cliques.column(schema.CLIQUE_ID).to_numpy().astype(np.int32)
     if len(np.unique(clique_ids)) != len(clique_ids):
@@ -99,7 +85,7 @@ def load_training_data(cfg: PipelineConfig, round_: int, seed: int, variant: str
         raise ValueError(f"cliques table ({cliques_dir}): clique_id {dup} appears twice")
     members = cliques.column(schema.FRAME_IDS).to_pylist()
     needed = np.unique(np.concatenate([np.asarray(m, np.int64) for m in members]))
-    frames = read_frames(cfg.run, needed, [schema.FRAME_ID, schema.IMAGE, schema.URI, schema.BBOX])
+    frames = read_frames(cfg.run, needed, IMAGE_COLUMNS)
     have = frames.column(schema.FRAME_ID).to_numpy()
     if len(have) != len(needed):
         missing = np.setdiff1d(needed, have)[0]
@@ -129,55 +115,14 @@ def load_training_data(cfg: PipelineConfig, round_: int, seed: int, variant: str
     return TrainingData(images=images.contiguous(), sampler=sampler, clique_ids=clique_ids)
 
 
-def model_meta(cfg: PipelineConfig, num_classes: int, clique_ids: np.ndarray) -> dict:
-    """What it takes to rebuild the network (model.pt's "model" entry)."""
-    return {
-        "name": cfg.train.model,
-        "num_classes": int(num_classes),
-        "input_size": cfg.train.input_size,
-        "in_channels": 1 if cfg.train.grey else 3,
-        "feature_layer": cfg.train.feature_layer,
-        "clique_ids": [int(c) for c in clique_ids],
-    }
-
-
-def round_steps(cfg: PipelineConfig, round_: int) -> int:
-    """The SGD steps of round ``round_``: train.round_steps[round_] where listed, else train.steps. Paper
-    Sect. 2.6: once the similarities are more reliable, fewer batches cover the data, so a later round
-    may need fewer steps than the first, which starts from HOG-LDA."""
-    listed = cfg.train.round_steps
-    steps = int(listed[round_]) if round_ < len(listed) else cfg.train.steps
-    if steps < 1:
-        raise ValueError(f"train.round_steps / train.steps: round {round_} has {steps} steps, need at least 1")
-    return steps
-
-
-def total_steps(cfg: PipelineConfig) -> int:
-    """All rounds' steps: the training budget a baseline gets to be compared at the same cost."""
-    return sum(round_steps(cfg, r) for r in range(cfg.rounds))
-
-
-def round_lr(cfg: PipelineConfig, round_: int) -> float:
-    """The learning rate of round ``round_``: lr · lr_round_decay^round. Each round builds a new optimiser
-    (AdaGrad's accumulators start at zero, so its first steps are the largest) on the previous round's
-    weights; a decay keeps those steps from undoing what the earlier rounds learned."""
-    return cfg.train.lr * cfg.train.lr_round_decay ** round_
-
-
-def augment_params(cfg: PipelineConfig) -> Optional[AugmentParams]:
-    t = cfg.train
-    if not t.augment:
-        return None
-    return AugmentParams(rotate=t.aug_rotate, translate=t.aug_translate, scale=t.aug_scale, colour=t.aug_colour)
-
-
 # ---------------------------------------------------------------------------------------------
 # Per-worker glue
 
 
 def train_func(config: dict) -> dict:
     """One Ray Train worker. ``config``: {"cfg": PipelineConfig, "round_index": r, "init_model": URI of the
-    previous round's model.pt or None, "marker": URI marking that the injected failure happened}.
+    previous round's model.pt or None, "marker": URI marking that the injected failure happened,
+    "log_level": the driver's level for this package (rank 0 logs its progress)}.
 
     Returns (rank 0's value becomes ``Result.return_value``) the training statistics.
     """
@@ -185,6 +130,7 @@ def train_func(config: dict) -> dict:
     import ray.train.torch
 
     cfg: PipelineConfig = config["cfg"]
+    setup_worker_logging(config.get("log_level", logging.INFO))
     round_: int = config["round_index"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -230,12 +176,15 @@ def train_func(config: dict) -> dict:
     fail_at = cfg.train.fail_at_step
     inject = start_step <= fail_at < steps and not storage.exists(config["marker"])
     train_s, step = 0.0, start_step
+    shown = Progress(f"train round {round_}{config.get('variant', '')}", steps - start_step, log, unit="steps",
+                     bar=False) if rank == 0 else None
     while step < steps:
         stop = min(steps, (step // every + 1) * every)  # next checkpoint (or the end)
         if inject and step <= fail_at < stop:
             stop = fail_at
         t0 = time.time()
-        history += run_steps(model, optimizer, images, data.sampler, step, stop, rank, world, aug, amp, warm)
+        history += run_steps(model, optimizer, images, data.sampler, step, stop, rank, world, aug, amp, warm,
+                             on_step=(lambda loss: shown.update(1, f"loss {loss:.3f}")) if shown else None)
         train_s += time.time() - t0
         step = stop
         if inject and step == fail_at:
@@ -243,6 +192,8 @@ def train_func(config: dict) -> dict:
                 storage.write_json(config["marker"], {"step": step, "at": time.time()})
             raise InjectedFailure(f"train.fail_at_step: injected failure at step {step} (round {round_})")
         _report(model, optimizer, step, history, rank, resumed_from)
+    if shown:
+        shown.close()
     done = steps - start_step
     return {
         "steps": steps,
@@ -290,11 +241,6 @@ def _report(model, optimizer, step: int, history: list, rank: int, resumed_from)
 # Driver
 
 
-def absolute_uri(uri: str) -> str:
-    """An s3:// URI as is; a local path made absolute (Ray workers run in other directories)."""
-    return uri if storage.is_s3(uri) else os.path.abspath(uri)
-
-
 def _train_storage(out: StageDir, name: str) -> tuple[str, Optional[object], str]:
     """(storage_path for RunConfig, storage_filesystem or None, URI of the run's folder)."""
     root = storage.join(out.uri, "_ray_train")
@@ -316,10 +262,8 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..raysetup import init_ray
-
     # Workers do not share the driver's working directory: give them an absolute run path.
-    cfg = dataclasses.replace(cfg, run=absolute_uri(cfg.run))
+    cfg = dataclasses.replace(cfg, run=storage.absolute_uri(cfg.run))
     out = StageDir(cfg.run, round_index, "model" + variant)
     inputs = {
         "frames": StageDir(cfg.run, 0, "frames").fingerprint(),
@@ -332,7 +276,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
         inputs["previous_model"] = previous.fingerprint()
         init_model = previous.file(MODEL_FILE)
     # This round's step count, not the whole list: changing a later round's steps keeps this round's model.
-    train_settings = {**to_dict(cfg.train), "steps": round_steps(cfg, round_index)}
+    train_settings = {**hashed_view(cfg.train), "steps": round_steps(cfg, round_index)}
     train_settings.pop("round_steps")
     stage_config = {"train": train_settings, "gpu": cfg.resources.gpus_for_training, "seed": cfg.seed}
     name = "train-" + hashlib.sha256(
@@ -348,7 +292,8 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
         trainer = TorchTrainer(
             train_func,
             train_loop_config={"cfg": cfg, "round_index": round_index, "init_model": init_model, "variant": variant,
-                               "marker": storage.join(train_uri, "_injected_failure.json")},
+                               "marker": storage.join(train_uri, "_injected_failure.json"),
+                               "log_level": log.getEffectiveLevel()},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.train.num_workers,
                 use_gpu=cfg.resources.gpus_for_training,
@@ -370,7 +315,8 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
         with result.checkpoint.as_directory() as ckpt_dir:
             state = torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
         if state["step"] != round_steps(cfg, round_index):
-            raise RuntimeError(f"{out}: last checkpoint is at step {state['step']}, expected {round_steps(cfg, round_index)}")
+            raise RuntimeError(f"{out}: last checkpoint is at step {state['step']}, "
+                               f"expected {round_steps(cfg, round_index)}")
         stats = dict(result.return_value or {})
         clique_ids = _clique_ids(cfg, round_index, variant)
         meta = model_meta(cfg, len(clique_ids), clique_ids)

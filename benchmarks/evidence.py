@@ -1,0 +1,67 @@
+"""What the method benchmarks (fashion_mnist.py, moving_fashion_mnist.py) share: the figures they keep, the
+error reductions, each round's batch-quality figures and evaluations on the validation split.
+
+Error reductions (issue 11): ``error_reduction`` = 1 − (1 − AUC_final)/(1 − AUC_round0) (vs HOG-LDA, the
+method's start); ``error_reduction_vs_best_handcrafted`` = 1 − (1 − AUC_final)/(1 − max(AUC_raw, AUC_hog,
+AUC_hog_lda)), the fair one: against the strongest hand-made similarity measured in the same run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from cliquecnn_ray import storage
+from cliquecnn_ray.config import PipelineConfig
+from cliquecnn_ray.rundir import StageDir
+
+KEYS = ("auc", "knn", "map")
+
+
+def pick(metrics: dict) -> dict:
+    """The reported figures of one evaluation, rounded."""
+    return {k: (None if metrics.get(k) is None else round(float(metrics[k]), 4)) for k in KEYS}
+
+
+def error_reduction(auc: float, reference_auc: float) -> float:
+    """Share of the reference's AUC error (1 − AUC) that ``auc`` removes."""
+    return round(1 - (1 - auc) / (1 - reference_auc), 4)
+
+
+def best_handcrafted_auc(references: dict) -> float:
+    """max(AUC_raw, AUC_hog, AUC_hog_lda) over picked figures keyed raw / hog / hog_lda."""
+    return max(references[k]["auc"] for k in ("raw", "hog", "hog_lda"))
+
+
+def batch_stats(cfg: PipelineConfig) -> list[dict]:
+    """Each round's batch-quality figures as the batches stage logged them (its stats.json, per category),
+    scalars only."""
+    out = []
+    for r in range(cfg.rounds):
+        stage = StageDir(cfg.run, r, "batches")
+        logged = storage.read_json(stage.file("stats.json"))
+        out.append({cat: {k: v for k, v in s.items() if isinstance(v, (int, float, str, bool)) or v is None}
+                    for cat, s in logged.items()})
+    return out
+
+
+def validation_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The same run evaluated against its validation labels (labels from training images only)."""
+    from cliquecnn_ray.datasets import VALIDATION_LABELS
+
+    labels = storage.join(cfg.run, "sources", VALIDATION_LABELS)
+    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=labels))
+
+
+def evaluate_validation(cfg: PipelineConfig, round_: int, features_stage: str = "features", ltp_p: int = 0) -> dict:
+    """Evaluate one committed features stage on the validation split (stage ``evaluate_validation...``)."""
+    from cliquecnn_ray.stages import evaluate
+
+    out = f"evaluate_validation_{features_stage}" + (f"_ltp{ltp_p}" if ltp_p else "")
+    return pick(evaluate.run(validation_config(cfg), round_, False, features_stage, out, ltp_p)["stats"])
+
+
+def tuning(name: str, root: Path) -> dict:
+    """The validation sweep behind the config's λ (benchmarks/tune.py's JSON entry), or {} when not run."""
+    path = root / "benchmarks" / "results" / "tune.json"
+    return json.loads(path.read_text()).get(name, {}) if path.exists() else {}
