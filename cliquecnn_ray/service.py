@@ -25,8 +25,8 @@ from ray import serve
 
 from . import raysetup, search
 from .config import ConfigError, PipelineConfig, to_dict
-from .storage import absolute_uri
 from .search import QueryError
+from .storage import absolute_uri
 
 log = logging.getLogger(__name__)
 
