@@ -4,6 +4,8 @@
     cliquecnn features --run runs/mine [--kind hog_lda|hog|raw]
     cliquecnn neighbours --run runs/mine --round 0 neighbours.k=50
     cliquecnn pipeline --config demo rounds=2
+    cliquecnn embed NEW_VIDEO_OR_FOLDER... --run runs/mine --out runs/mine-new
+    cliquecnn serve --run runs/mine [--port 8000]
 
 Every subcommand takes ``--run`` (a directory or s3:// URI), ``--config FILE`` (or the bare name of a
 config shipped in the package: ``demo``, ``fashion_mnist``) and ``key=value`` overrides (dotted keys of
@@ -92,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         overrides.append(f"run={args.run}")
     cfg = load_config(config_path(args.config), overrides)
     if positional:
-        if getattr(args, "command", None) != "ingest":
+        if getattr(args, "command", None) not in ("ingest", "embed"):
             raise ConfigError(f"unexpected arguments {positional}: overrides take the form key=value")
         cfg = dataclasses.replace(cfg, sources=tuple(positional))
     return cfg
@@ -122,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ltp", type=int, default=0, help="Local Temporal Pooling ±p frames first")
             p.add_argument("--labels", help="labels table (Parquet path or URI); overrides evaluate.labels")
     sub.add_parser("baselines", parents=[parent], help="round-0 and CNN baselines on the same protocol")
+    text = "features of new videos / image folders / Parquet tables under a run's trained model"
+    p = sub.add_parser("embed", parents=[parent], help=text, description=text,
+                       usage="cliquecnn embed SOURCE... --run RUN --out URI [--round R] [key=value ...]")
+    p.add_argument("--out", required=True, help="where the frames and features go (a directory or s3:// URI)")
+    p.add_argument("--round", type=int, help="the run's features round to match (default: the last)")
+    text = "search a run's frames: HTTP API and page on Ray Serve"
+    p = sub.add_parser("serve", parents=[parent], help=text, description=text)
+    p.add_argument("--round", type=int, help="which round's features (default: the last)")
+    p.add_argument("--port", type=int, help="HTTP port (overrides serve.port)")
     return parser
 
 
@@ -133,8 +144,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    if args.command in ("ingest",) and not cfg.sources:
-        parser.error("ingest needs at least one SOURCE (a video file, a folder, or a Parquet path/URI)")
+    if args.command in ("ingest", "embed") and not cfg.sources:
+        parser.error(f"{args.command} needs at least one SOURCE (a video file, a folder, or a Parquet path/URI)")
     try:
         with hold(cfg.run, break_lock=args.break_lock):  # one writer per run, for the command's whole life
             return _run_command(args, cfg)
@@ -162,7 +173,16 @@ USER_ERRORS = _user_errors()
 def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from . import pipeline
 
+    if args.command == "serve":
+        return _serve(args, cfg)
     raysetup.init_ray(address=args.address)
+    if args.command == "embed":
+        from .stages import embed
+
+        result = embed.run(pipeline.resolve_builtin_data(cfg), run=cfg.run, out=args.out, round_index=args.round,
+                           force=args.force)
+        print(f"embed: {result['features']['stats']['rows']} frames → {args.out} (round {result['round']} features)")
+        return 0
     if args.command == "pipeline":
         summary = pipeline.run_pipeline(cfg, force=args.force)
         print(json.dumps({k: v for k, v in summary.items() if k != "records"}, indent=2))
@@ -189,6 +209,23 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     record = pipeline.stage_runner(args.command)(cfg, round_, force=args.force, **kwargs)
     state = "skipped (already committed)" if record.get("skipped") else f"done in {record.get('seconds', 0):.1f} s"
     print(f"{args.command}: {state}; stats: {json.dumps(record.get('stats', {}), default=str)[:2000]}")
+    return 0
+
+
+def _serve(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    import time
+
+    from . import service
+
+    if args.port is not None:
+        cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=args.port))
+    url = service.start(cfg, cfg.run, args.round, address=args.address)
+    print(f"serving {cfg.run} at {url}  (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        service.stop()
     return 0
 
 

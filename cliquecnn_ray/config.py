@@ -171,6 +171,24 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The search service (``cliquecnn serve``); nothing here changes a stage's output."""
+
+    host: str = not_hashed("127.0.0.1")  # local only unless asked: the API has no authentication
+    port: int = not_hashed(8000)  # Ray Serve's HTTP port
+    shards: int = not_hashed(1)  # index replicas, each holding 1/shards of the features (memory per node)
+    index: str = not_hashed("exact")  # exact inner product; "ivf" / "hnsw" (faiss) for millions of frames
+    max_k: int = not_hashed(100)  # largest k a client may ask for
+    default_k: int = not_hashed(20)  # k when the client names none
+    max_batch_size: int = not_hashed(16)  # concurrent image queries embedded in one forward pass
+    batch_wait_ms: float = not_hashed(5.0)  # how long a batch waits to fill: latency traded for throughput
+    max_upload_mb: float = not_hashed(10.0)  # larger uploads are refused (413)
+    thumbnail_size: int = not_hashed(96)  # thumbnail side in pixels
+    cpus_per_replica: float = not_hashed(1.0)  # CPUs each index / embedding replica reserves
+    gpu: bool = not_hashed(False)  # embed image queries on a GPU
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     """Size of a generated built-in data set (``sources: [moving_fashion_mnist]``); its seed is the run's."""
 
@@ -194,6 +212,7 @@ class PipelineConfig:
     impute: ImputeConfig = ImputeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 # ---------------------------------------------------------------------------------------------

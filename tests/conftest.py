@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from cliquecnn_ray import raysetup  # noqa: F401  (sets Ray's quiet environment before Ray is imported)
+from cliquecnn_ray import raysetup
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +87,15 @@ def s3_bucket(s3_server) -> str:
     if not s3_server.running:
         s3_server.start()
     return f"s3://{s3_server.new_bucket()}"
+
+
+@pytest.fixture(scope="session")
+def searchable_run(ray_session, tmp_path_factory):
+    """(run, cfg, source): a tiny run made by the real stages up to round 1's features and neighbours
+    (``synthetic.servable_run``), shared by the embed and search-service tests."""
+    from synthetic import servable_run, video_source
+
+    root = tmp_path_factory.mktemp("searchable")
+    source = video_source(str(root / "clips.parquet"))
+    run = str(root / "run")
+    return run, servable_run(run, source), source

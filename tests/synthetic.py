@@ -7,7 +7,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from cliquecnn_ray import rundir, schema, storage
+from cliquecnn_ray import model_file, network, rundir, schema, storage
+
+SIZE = 24  # the tiny test models' input side
 
 
 def class_images(n_classes: int = 4, per_class: int = 16, size: int = 32, seed: int = 0):
@@ -73,3 +75,49 @@ def clustered_features(n_clusters: int = 5, per_cluster: int = 20, d: int = 16, 
     feats = centres[labels] + noise * rng.normal(size=(len(labels), d))
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     return feats.astype(np.float32), labels
+
+
+def committed_model(run: str, round_: int = 0, in_channels: int = 1, layer: str = "fc7"):
+    """A randomly initialised network committed as round ``round_``'s model.pt (as the train stage would)."""
+    import torch
+
+    torch.manual_seed(0)
+    net = network.build_model("alexnet_small", 6, SIZE, in_channels)
+    meta = {"name": "alexnet_small", "num_classes": 6, "input_size": SIZE, "in_channels": in_channels,
+            "feature_layer": layer}
+
+    def write(attempt_uri: str) -> dict:
+        storage.write_bytes(storage.join(attempt_uri, "model.pt"), model_file.save_model_bytes(net, meta))
+        return {"rows": 6}
+
+    rundir.run_stage(rundir.StageDir(run, round_, "model"), {"test": layer}, {}, write, force=True)
+    return net.eval()
+
+
+def video_source(path: str, videos: int = 4, frames: int = 6, seed: int = 2) -> str:
+    """A Parquet source of ``videos`` short videos (two categories), frames without frame_id, as a user's."""
+    images, _ = class_images(n_classes=videos, per_class=frames, size=32, seed=seed)
+    table = pa.table({
+        schema.VIDEO_ID: [f"clip{seed}-{i // frames}" for i in range(len(images))],
+        schema.FRAME_INDEX: pa.array([i % frames for i in range(len(images))], pa.int32()),
+        schema.CATEGORY: ["even" if (i // frames) % 2 == 0 else "odd" for i in range(len(images))],
+        schema.IMAGE: [png_bytes(im) for im in images],
+    })
+    storage.write_parquet(table, path)
+    return path
+
+
+def servable_run(run: str, source: str, *overrides: str):
+    """A run that can be searched, made by the real stages: ingest ``source``, a committed (random) round-0
+    model, impute (LTP p = 1) into round 1 features, round 1's neighbours. Returns its config."""
+    from cliquecnn_ray.config import load_config
+    from cliquecnn_ray.stages import impute, ingest, neighbours
+
+    cfg = load_config(None, [f"run={run}", f"sources=[{source}]", "impute.ltp_p=1", "impute.batch_size=8",
+                             "neighbours.k=4", "evaluate.diffusion.k=3", "evaluate.diffusion.truncate=50",
+                             *overrides])
+    ingest.run(cfg, 0)
+    committed_model(run)
+    impute.run(cfg, 0)
+    neighbours.run(cfg, 1)
+    return cfg

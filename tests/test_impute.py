@@ -4,31 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from synthetic import class_images, commit_table, frames_table
+from synthetic import SIZE, class_images, commit_table, committed_model, frames_table
 
-from cliquecnn_ray import cnn_features, model_file, network, schema, similarity, storage
+from cliquecnn_ray import cnn_features, network, schema, similarity, storage
 from cliquecnn_ray.config import load_config
-from cliquecnn_ray.rundir import StageDir, run_stage
+from cliquecnn_ray.rundir import StageDir
 from cliquecnn_ray.similarity import ltp_stack
-
-SIZE = 24
-
-
-def committed_model(run: str, round_: int = 0, in_channels: int = 1, layer: str = "fc7"):
-    """A randomly initialised network committed as round ``round_``'s model.pt (as the train stage would)."""
-    import torch
-
-    torch.manual_seed(0)
-    net = network.build_model("alexnet_small", 6, SIZE, in_channels)
-    meta = {"name": "alexnet_small", "num_classes": 6, "input_size": SIZE, "in_channels": in_channels,
-            "feature_layer": layer}
-
-    def write(attempt_uri: str) -> dict:
-        storage.write_bytes(storage.join(attempt_uri, "model.pt"), model_file.save_model_bytes(net, meta))
-        return {"rows": 6}
-
-    run_stage(StageDir(run, round_, "model"), {"test": layer}, {}, write, force=True)
-    return net.eval()
 
 
 def tiny_frames(run: str):

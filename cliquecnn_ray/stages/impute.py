@@ -26,7 +26,7 @@ from ..config import PipelineConfig
 from ..model_file import MODEL_FILE
 from ..progress import Progress
 from ..rundir import StageDir, run_stage
-from ..similarity import ltp_stack, pearson_normalise
+from ..similarity import ltp_stack
 from ..stage_outputs import IMAGE_COLUMNS, decode_frames, read_frames
 
 log = logging.getLogger(__name__)
@@ -53,30 +53,36 @@ class FeatureExtractor:
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from ..cnn_features import extract_features
+        from ..cnn_features import frame_features
 
         ids = batch.column(schema.FRAME_ID).to_numpy()
         images = decode_frames(batch, self.meta["input_size"], grey=self.meta["in_channels"] == 1)
-        feats = extract_features(self.model, images, self.meta["feature_layer"], batch_size=self.batch_size,
-                                 device=self.device, amp=self.device.type == "cuda")
-        feats = pearson_normalise(feats).numpy()
+        feats = frame_features(self.model, self.meta, images, batch_size=self.batch_size, device=self.device)
         if not np.isfinite(feats).all():
             row = int(np.flatnonzero(~np.isfinite(feats).all(axis=1))[0])
             raise ValueError(f"impute: CNN feature of frame_id {ids[row]} is NaN or infinite")
         return schema.features_to_table(ids, feats)
 
 
-def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, model_stage: str = "model",
-        out_stage: str = "features", ltp_p: Optional[int] = None) -> dict:
+def run(
+    cfg: PipelineConfig,
+    round_index: int = 0,
+    force: bool = False,
+    model_stage: str = "model",
+    out_stage: str = "features",
+    ltp_p: Optional[int] = None,
+    model_run: Optional[str] = None,
+) -> dict:
     """Features of every frame from round ``round_index``'s model, LTP with p = ``impute.ltp_p``, committed to
-    StageDir(run, round + 1, "features"). Baselines name another model / output stage or another p.
+    StageDir(run, round + 1, "features"). Baselines name another model / output stage or another p;
+    ``cliquecnn embed`` names another run's model (``model_run``) for the frames of ``cfg.run``.
 
     Returns run_stage's record; stats: rows, d (after LTP), frame_d (CNN feature length), ltp_p, layer,
     zero_features (frames whose centred CNN feature was zero), extract_seconds, files.
     """
     if ltp_p is not None:
         cfg = dataclasses.replace(cfg, impute=dataclasses.replace(cfg.impute, ltp_p=ltp_p))
-    model_dir = StageDir(cfg.run, round_index, model_stage)
+    model_dir = StageDir(model_run or cfg.run, round_index, model_stage)
     frames_dir = StageDir(cfg.run, 0, "frames")
     out = StageDir(cfg.run, round_index + 1, out_stage)
     inputs = {"model": model_dir.fingerprint(), "frames": frames_dir.fingerprint()}

@@ -1,0 +1,239 @@
+"""The search service under load (issue 13 §5): `cliquecnn serve` on a finished run's last round, against an
+in-process exact search of the same features measured in the same run.
+
+For 1 and 2 index shards, closed-loop load on 127.0.0.1 (``concurrency`` clients, each sending its next
+request when the previous one is answered, a bounded number of requests per setting): queries per second
+and p50 / p99 latency of frame-id queries (``GET /api/frames/{id}/similar?k=10``) and of image queries
+(``POST /api/search?k=10`` with frames' own images) at concurrency 1, 8 and 32. The service overhead is the
+Serve p50 of frame queries at concurrency 1 (one shard) minus the in-process exact search's p50, measured
+just before it (on a shared machine the load changes from minute to minute). The approximate indexes'
+recall@10 is measured against exact search on 1,000 frames' queries.
+``diffusion_map_gain`` comes from benchmarks/diffusion.py's ``measure_diffusion_gain`` (its stages are
+committed in the run, so this reads them back unless they were never run).
+
+    .venv/bin/python benchmarks/serve.py RUN        # e.g. runs/fashion_mnist, a finished run
+    .venv/bin/python benchmarks/serve.py RUN --no-diffusion   # any servable run: diffusion_map_gain left null
+    .venv/bin/python benchmarks/serve.py RUN --diffusion-from benchmarks/results/diffusion.json  # its figure,
+                                                      # when benchmarks/diffusion.py has just measured this run
+    .venv/bin/python benchmarks/serve.py RUN --hnsw    # also the HNSW index's recall (a long build at d = 2048)
+
+Writes benchmarks/results/serve.json and prints a table.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cliquecnn_ray import raysetup, schema, search  # noqa: E402
+from cliquecnn_ray.ann import build_index, recall_at_k  # noqa: E402
+from cliquecnn_ray.config import load_config  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
+CONCURRENCY = (1, 8, 32)
+SHARDS = (1, 2)
+K = 10
+FRAME_REQUESTS = 200  # per setting: a p99 from ≥ 200 samples
+IMAGE_REQUESTS = 100
+MAX_SECONDS = 25  # per setting: bounded load on a shared machine
+RECALL_QUERIES = 1000
+GOALS = {"frame_p99_ms": 100.0, "image_p99_ms": 300.0, "overhead_ms": 10.0, "ann_recall_at_10": 0.95}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def closed_loop(port: int, requests: list[tuple[str, str, bytes | None]], concurrency: int) -> dict:
+    """Send ``requests`` (method, path, body) from ``concurrency`` keep-alive clients; qps and latencies."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    position = iter(range(len(requests)))
+    deadline = time.perf_counter() + MAX_SECONDS
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while time.perf_counter() < deadline:
+            with lock:
+                i = next(position, None)
+            if i is None:
+                break
+            method, path, body = requests[i]
+            t0 = time.perf_counter()
+            conn.request(method, path, body=body, headers={"Content-Type": "application/octet-stream"} if body else {})
+            response = conn.getresponse()
+            response.read()
+            elapsed = time.perf_counter() - t0
+            with lock:
+                (latencies.append(elapsed) if response.status == 200 else errors.append(str(response.status)))
+        conn.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
+            "qps": round(len(latencies) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+
+
+def in_process_search_ms(features: np.ndarray, queries: np.ndarray) -> float:
+    """p50 of one exact top-(K+1) search per query over all features, in this process."""
+    index = build_index(features, "exact")
+    times = []
+    for q in queries:
+        t0 = time.perf_counter()
+        index.search(features[q][None], K + 1)
+        times.append(time.perf_counter() - t0)
+    return float(np.percentile(np.asarray(times) * 1000, 50))
+
+
+def ann_recall(features: np.ndarray, queries: np.ndarray) -> dict:
+    _, exact = build_index(features, "exact").search(features[queries], K)
+    out = {}
+    for kind in ("ivf", "hnsw") if "--hnsw" in sys.argv else ("ivf",):
+        t0 = time.perf_counter()
+        index = build_index(features, kind)
+        built = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, rows = index.search(features[queries], K)
+        out[kind] = {"recall_at_10": round(recall_at_k(rows, exact), 4), "build_s": round(built, 1),
+                     "search_ms_per_query": round((time.perf_counter() - t0) * 1000 / len(queries), 3)}
+    return out
+
+
+def frame_images(run: str, frame_ids: np.ndarray) -> list[bytes]:
+    from cliquecnn_ray.stages.train import read_frames
+
+    table = read_frames(run, frame_ids=frame_ids, columns=[schema.FRAME_ID, schema.IMAGE])
+    return table.column(schema.IMAGE).to_pylist()
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if a not in ("--no-diffusion", "--hnsw")]
+    diffusion_from = None
+    if "--diffusion-from" in args:
+        at = args.index("--diffusion-from")
+        diffusion_from = Path(args[at + 1])
+        del args[at : at + 2]
+    if len(args) != 1:
+        sys.exit(__doc__)
+    run = args[0]
+    raysetup.setup_logging()
+    load_average = os.getloadavg()[0]
+    round_index = search.servable_round(run)
+    frame_ids, features = search.read_feature_slice(run, round_index, 0, search.feature_count(run, round_index))
+    n, d = features.shape
+    rng = np.random.default_rng(0)
+    queries = rng.choice(n, size=min(RECALL_QUERIES, n), replace=False)
+    ann = ann_recall(features, queries)
+
+    frame_requests = [("GET", f"/api/frames/{int(frame_ids[q])}/similar?k={K}", None)
+                      for q in rng.choice(n, size=FRAME_REQUESTS)]
+    images = frame_images(run, np.sort(rng.choice(n, size=64, replace=False)))
+    image_requests = [("POST", f"/api/search?k={K}", images[i % len(images)]) for i in range(IMAGE_REQUESTS)]
+
+    from ray import serve
+
+    from cliquecnn_ray import service
+
+    raysetup.init_ray(num_cpus=2)
+    port = _free_port()
+    settings = []
+    for shards in SHARDS:
+        cfg = load_config(None, [f"run={run}", f"serve.shards={shards}", f"serve.port={port}",
+                                 "serve.cpus_per_replica=0"])
+        service.start(cfg, run, round_index)
+        closed_loop(port, frame_requests[:40] + image_requests[:20], 4)  # warm-up: caches, batching, JIT paths
+        if shards == 1:  # the reference right before the Serve figure it is subtracted from: the same load
+            reference_ms = in_process_search_ms(features, queries[:200])
+            del features
+        for concurrency in CONCURRENCY:
+            frame = closed_loop(port, frame_requests, concurrency)
+            image = closed_loop(port, image_requests, concurrency)
+            settings.append({"shards": shards, "concurrency": concurrency, "frame": frame, "image": image})
+            print(f"shards {shards} c={concurrency:>2}: frame {frame['qps']:>7.1f} qps p50 {frame['p50_ms']:>7.2f} "
+                  f"p99 {frame['p99_ms']:>7.2f} ms | image {image['qps']:>6.1f} qps p50 {image['p50_ms']:>7.2f} "
+                  f"p99 {image['p99_ms']:>7.2f} ms", flush=True)
+        serve.delete(service.APP_NAME)
+    serve.shutdown()
+
+    gain = None
+    if diffusion_from is not None:
+        measured = json.loads(diffusion_from.read_text())
+        if Path(measured.get("run", run)).resolve() != Path(run).resolve():
+            sys.exit(f"{diffusion_from} measured {measured['run']}, not {run}")
+        gain = measured["diffusion_map_gain"]
+    elif "--no-diffusion" not in sys.argv:
+        from diffusion import measure_diffusion_gain
+
+        gain = measure_diffusion_gain(run)["diffusion_map_gain"]
+
+    def at(shards: int, concurrency: int) -> dict:
+        return next(s for s in settings if s["shards"] == shards and s["concurrency"] == concurrency)
+
+    headline = at(2, 8)  # the goals' concurrency, the sharded service
+    overhead = at(1, 1)["frame"]["p50_ms"] - reference_ms
+    results = {
+        "frame_qps": headline["frame"]["qps"],
+        "frame_p50_ms": headline["frame"]["p50_ms"],
+        "frame_p99_ms": headline["frame"]["p99_ms"],
+        "image_qps": headline["image"]["qps"],
+        "image_p50_ms": headline["image"]["p50_ms"],
+        "image_p99_ms": headline["image"]["p99_ms"],
+        "overhead_ms": round(overhead, 2),
+        "ann_recall_at_10": ann["ivf"]["recall_at_10"],
+        "ann_index": "ivf (faiss IndexIVFFlat, ann.py defaults)",
+        "shards": 2,
+        "n": int(n),
+        "d": int(d),
+        "diffusion_map_gain": gain,
+        "headline": "frame_* and image_* at concurrency 8 with 2 shards; every setting under 'settings'",
+        "in_process_exact_search_p50_ms": round(reference_ms, 3),
+        "serve_frame_p50_ms_c1_1shard": at(1, 1)["frame"]["p50_ms"],
+        "ann": ann,
+        "settings": settings,
+        "goals": GOALS,
+        "goals_met": {
+            "frame_p99_ms": headline["frame"]["p99_ms"] <= GOALS["frame_p99_ms"],
+            "image_p99_ms": headline["image"]["p99_ms"] <= GOALS["image_p99_ms"],
+            "overhead_ms": overhead <= GOALS["overhead_ms"],
+            "ann_recall_at_10": ann["ivf"]["recall_at_10"] >= GOALS["ann_recall_at_10"],
+        },
+        "run": run,
+        "round": round_index,
+        "machine": (f"shared: {os.cpu_count()} cores used by several engineers' jobs at once (load average "
+                    f"{load_average:.1f} at the start); the service, its replicas (0 CPUs reserved each) and the "
+                    "load generator share them, so latencies are upper bounds for a dedicated machine"),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nn = {n}, d = {d}; in-process exact search p50 {reference_ms:.2f} ms; Serve frame p50 at c=1 "
+          f"{at(1, 1)['frame']['p50_ms']:.2f} ms → overhead {overhead:.2f} ms (goal ≤ 10)")
+    recalls = ", ".join(f"{kind} {a['recall_at_10']:.3f}" for kind, a in ann.items())
+    print(f"ANN recall@10: {recalls} (goal ≥ 0.95)")
+    print(f"c=8, 2 shards: frame p99 {results['frame_p99_ms']} ms (goal ≤ 100), image p99 {results['image_p99_ms']} "
+          f"ms (goal ≤ 300); diffusion_map_gain {gain}")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""``cliquecnn serve``: one round of a run as a search service on Ray Serve, with a page to browse it.
+
+Three deployments (the search itself lives in ``search.py``, ``ann.py`` and ``diffusion.py``):
+- ``IndexShard`` × ``serve.shards``: each replica reads only its slice of the round's features and answers
+  top-k by inner product (exact by default, faiss IVF / HNSW as ``serve.index``), so a collection larger than
+  one node's memory spreads over a cluster;
+- ``Embedder``: the round's model; concurrent image queries are batched into one forward pass (``serve.batch``);
+- ``SearchApi``: the HTTP ingress (FastAPI): fans a query out to every shard, merges their top-k, optionally
+  re-ranks by diffusion on the round's k-NN graph, and answers with each frame's video, index and category.
+
+HTTP API (JSON): ``GET /api/info``, ``GET /api/frames?count=&offset=`` (frames spread over the run),
+``GET /api/frames/{frame_id}`` (a frame and its video's strip), ``GET /api/frames/{frame_id}/similar?k=&rerank=``,
+``GET /api/frames/{frame_id}/image`` (PNG thumbnail), ``POST /api/search?k=&rerank=`` (body: an image file);
+``GET /`` is the page. A frame's own similar list leaves the frame out.
+"""
+# No `from __future__ import annotations`: FastAPI reads the route parameters' annotations at run time.
+import asyncio
+import importlib.resources
+import logging
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+
+from . import raysetup, search
+from .config import ConfigError, PipelineConfig, to_dict
+from .search import QueryError
+from .storage import absolute_uri
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "cliquecnn"
+STRIP_FRAMES = 24  # frames of the query's video shown around it
+BROWSE_MAX = 500  # frames one /api/frames call lists at most
+
+api = FastAPI(title="cliquecnn search", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(QueryError)
+async def _query_error(_request: Request, exc: QueryError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+
+
+@serve.deployment
+class IndexShard:
+    """Rows [lo, hi) of the round's features (frame ids lo..hi−1) and an index over them."""
+
+    def __init__(self, run: str, round_index: int, lo: int, hi: int, kind: str):
+        from .ann import build_index
+
+        self.lo = lo
+        self.frame_ids, self.features = search.read_feature_slice(run, round_index, lo, hi)
+        self.index = build_index(self.features, kind)
+        log.info("index shard %d..%d: %d frames, d = %d, %s", lo, hi - 1, len(self.frame_ids),
+                 self.features.shape[1], kind)
+
+    def dimension(self) -> int:
+        return int(self.features.shape[1])
+
+    def vector(self, frame_id: int) -> np.ndarray:
+        return self.features[frame_id - self.lo]
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(d,) query → (scores (k,), frame_ids (k,)), −1 where the shard holds fewer than k frames."""
+        scores, rows = self.index.search(query.reshape(1, -1), k)
+        rows = rows[0]
+        return scores[0], np.where(rows >= 0, self.frame_ids[np.maximum(rows, 0)], -1)
+
+
+@serve.deployment
+class Embedder:
+    """The model that made the round's features; image queries in, features out, batched."""
+
+    def __init__(self, model_uri: str, ltp_p: int, max_batch_size: int, batch_wait_s: float, gpu: bool):
+        import torch
+
+        from . import storage
+        from .model_file import load_model_bytes
+
+        self.model, self.meta = load_model_bytes(storage.read_bytes(model_uri), source=model_uri)
+        self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.ltp_p = ltp_p
+        self.embed.set_max_batch_size(max_batch_size)
+        self.embed.set_batch_wait_timeout_s(batch_wait_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def embed(self, images: list[bytes]) -> list[np.ndarray]:
+        return list(search.query_features(self.model, self.meta, images, self.ltp_p, device=self.device))
+
+    async def __call__(self, image: bytes) -> np.ndarray:
+        return await self.embed(image)
+
+
+@serve.deployment
+@serve.ingress(api)
+class SearchApi:
+    """The HTTP ingress: frames' metadata and thumbnails, fan-out to the shards, merge, re-rank."""
+
+    def __init__(self, run: str, round_index: int, shards: list, embedder, settings: dict, diffusion: dict):
+        self.run, self.round_index = run, round_index
+        self.shards, self.embedder = shards, embedder
+        self.settings, self.diffusion = settings, diffusion
+        self.frames = search.FrameCatalogue(run, settings["thumbnail_size"])
+        self.page_html = importlib.resources.files("cliquecnn_ray").joinpath("static/search.html").read_text()
+        self.graph, self.graph_missing = None, ""
+        try:
+            from .diffusion import load_knn_graph
+
+            self.graph = load_knn_graph(run, round_index, k=diffusion["k"], gamma=diffusion["gamma"])
+        except (search.StageNotCommitted, ValueError) as exc:
+            self.graph_missing = str(exc)
+            log.warning("search service: diffusion re-ranking unavailable: %s", exc)
+
+    # --- the search itself
+
+    async def _nearest(self, query: np.ndarray, k: int, rerank: str, exclude: int | None = None) -> list[dict]:
+        wanted = k + (exclude is not None)
+        if rerank == "diffusion":
+            if self.graph is None:
+                raise QueryError(409, f"diffusion re-ranking is not available for this round: {self.graph_missing}")
+            fetch = max(wanted, self.diffusion["truncate"])
+        else:
+            fetch = wanted
+        parts = await asyncio.gather(*(shard.search.remote(query, fetch) for shard in self.shards))
+        scores, ids = search.merge_top_k(parts, fetch)
+        if rerank == "diffusion":
+            from .diffusion import rerank as diffuse
+
+            rows, scores = diffuse(self.graph, self.graph.rows_of(ids), scores, wanted, self.diffusion["alpha"])
+            ids = self.graph.frame_ids[rows]
+        keep = ids != exclude if exclude is not None else np.ones(len(ids), bool)
+        return self.frames.describe(ids[keep][:k], scores[keep][:k])
+
+    def _query(self, k: int | None, rerank: str) -> int:
+        k = self.settings["default_k"] if k is None else k
+        search.check_query(k, self.settings["max_k"], rerank)
+        return k
+
+    # --- routes
+
+    @api.get("/", response_class=HTMLResponse)
+    def page(self) -> str:
+        return self.page_html
+
+    @api.get("/api/info")
+    async def info(self) -> dict:
+        return {"run": self.run, "round": self.round_index, **self.frames.summary(),
+                "dimension": await self.shards[0].dimension.remote(), "shards": len(self.shards),
+                "index": self.settings["index"], "max_k": self.settings["max_k"],
+                "default_k": self.settings["default_k"], "diffusion": self.graph is not None,
+                "diffusion_unavailable": self.graph_missing}
+
+    @api.get("/api/frames")
+    def frames_list(self, count: int = 48, offset: int = 0) -> dict:
+        if not 1 <= count <= BROWSE_MAX:
+            raise QueryError(422, f"count = {count} is out of range: 1 to {BROWSE_MAX}")
+        n = len(self.frames)
+        rows = (offset + np.arange(count) * max(1, n // count)) % n
+        return {"frames": [self.frames.info(int(r)).as_dict() for r in np.unique(rows)]}
+
+    @api.get("/api/frames/{frame_id}")
+    def frame(self, frame_id: int) -> dict:
+        row = self.frames.row(frame_id)
+        return {**self.frames.info(row).as_dict(), "video": self.frames.video_strip(row, STRIP_FRAMES)}
+
+    @api.get("/api/frames/{frame_id}/similar")
+    async def similar(self, frame_id: int, k: int | None = None, rerank: str = "none") -> dict:
+        row = self.frames.row(frame_id)
+        k = self._query(k, rerank)
+        shard = self.shards[int(np.searchsorted(self.bounds_hi, frame_id, side="right"))]
+        vector = await shard.vector.remote(frame_id)
+        results = await self._nearest(vector, k, rerank, exclude=frame_id)
+        return {"query": self.frames.info(row).as_dict(), "k": k, "rerank": rerank, "results": results}
+
+    @api.get("/api/frames/{frame_id}/image")
+    def image(self, frame_id: int) -> Response:
+        png = self.frames.thumbnail(self.frames.row(frame_id))
+        return Response(content=png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @api.post("/api/search")
+    async def search_image(self, request: Request, k: int | None = None, rerank: str = "none") -> dict:
+        k = self._query(k, rerank)
+        limit = int(self.settings["max_upload_mb"] * 2**20)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refused before the body is read into memory
+            raise QueryError(413, f"the upload has {declared} bytes; at most {limit} are accepted")
+        data = await request.body()
+        search.check_image(data, limit)
+        vector = await self.embedder.remote(data)
+        results = await self._nearest(vector, k, rerank)
+        return {"query": {"upload": True, "bytes": len(data)}, "k": k, "rerank": rerank, "results": results}
+
+    @property
+    def bounds_hi(self) -> list[int]:
+        return self.settings["shard_ends"][:-1]
+
+
+def build_app(cfg: PipelineConfig, run: str, round_index: int | None = None):
+    """The Serve application of round ``round_index`` (default: the last) of ``run``; StageNotCommitted
+    naming what is missing when the run cannot be served."""
+    from .stages.train import MODEL_FILE
+
+    round_index = search.servable_round(run, round_index)
+    run = absolute_uri(run)  # replicas run in other working directories
+    scfg = cfg.serve
+    if scfg.index not in ("exact", "ivf", "hnsw"):
+        raise ConfigError(f"config key 'serve.index': {scfg.index!r} is not one of exact, ivf, hnsw")
+    bounds = search.shard_bounds(search.feature_count(run, round_index), scfg.shards)
+    options = {"num_cpus": scfg.cpus_per_replica}
+    shards = [IndexShard.options(name=f"IndexShard{i}", ray_actor_options=options).bind(run, round_index, lo, hi,
+                                                                                        scfg.index)
+              for i, (lo, hi) in enumerate(bounds)]
+    model_uri = absolute_uri(search.model_dir(run, round_index).file(MODEL_FILE))
+    embedder = Embedder.options(ray_actor_options={**options, "num_gpus": 1 if scfg.gpu else 0}).bind(
+        model_uri, search.ltp_radius(run, round_index), scfg.max_batch_size, scfg.batch_wait_ms / 1000, scfg.gpu)
+    settings = {**to_dict(scfg), "shard_ends": [hi for _, hi in bounds]}
+    return SearchApi.options(ray_actor_options=options).bind(run, round_index, shards, embedder, settings,
+                                                             to_dict(cfg.evaluate.diffusion))
+
+
+def start(cfg: PipelineConfig, run: str, round_index: int | None = None, address: str | None = None) -> str:
+    """Deploy the service (on ``address``'s cluster, else the embedded local Ray); returns its URL."""
+    app = build_app(cfg, run, round_index)  # checks the run before anything starts
+    raysetup.init_ray(address=address)
+    quiet = {"log_level": "WARNING"}  # Serve logs every request at INFO
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=quiet)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    log.info("search service for %s (round %s) at %s", run, round_index if round_index is not None else "last", url)
+    return url
+
+
+def stop() -> None:
+    serve.delete(APP_NAME)
