@@ -1,9 +1,9 @@
 """Progress of the long stages (training steps, imputation, neighbour tiles): a bar on a terminal, plain
 log lines elsewhere (a file, a pipe, CI), never both.
 
-Bars are drawn by the driver only (neighbour tiles, imputation); a Ray Train worker logs its steps as
-lines, which Ray forwards to the driver's console (``ray.experimental.tqdm_ray`` printed blank prefixed
-lines there instead of a bar).
+Bars are drawn by the driver only (neighbour tiles; imputation shows Ray Data's own); a Ray Train worker
+logs its steps as lines, which Ray forwards to the driver's console (``ray.experimental.tqdm_ray`` printed
+blank prefixed lines there instead of a bar).
 """
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 from .. import raysetup, schema, storage
 from ..config import PipelineConfig
 from ..model_file import MODEL_FILE
-from ..progress import Progress
 from ..rundir import StageDir, run_stage
 from ..similarity import ltp_stack
 from ..stage_outputs import IMAGE_COLUMNS, decode_frames, read_frames
@@ -121,16 +120,11 @@ def _compute(cfg: PipelineConfig, model_uri: str, frames_dir: StageDir, attempt_
         compute=pool,
         **resources,
     )
-    expected_rows = (frames_dir.require().get("stats") or {}).get("rows")
-    tables = []
-    with Progress("impute", expected_rows or 0, log, unit="frames") as shown:
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # whole blocks, as they finish
-            tables.append(block)
-            shown.update(block.num_rows)
+    tables = ray.get(ds.to_arrow_refs())  # on a terminal, Ray Data draws this pass's progress bar
     extract_seconds = time.time() - t0
     table = pa.concat_tables(tables) if tables else schema.features_to_table(np.zeros(0), np.zeros((0, 0)))
     ids, feats = schema.table_to_features(table, source="impute")
-    expected = int(expected_rows if expected_rows is not None else len(ids))
+    expected = int((frames_dir.require().get("stats") or {}).get("rows", len(ids)))
     if len(ids) != expected or len(np.unique(ids)) != len(ids):
         raise ValueError(f"impute: got features for {len(np.unique(ids))} distinct frames, "
                          f"{frames_dir} holds {expected}")
