@@ -118,12 +118,12 @@ def test_sharded_search_equals_unsharded():
 
 
 def test_image_search_embeds_the_upload_as_impute_does(served):
-    from cliquecnn_ray import network
+    from cliquecnn_ray.model_file import load_model_bytes
 
     client, run, _ = served
     image = np.asarray(np.random.default_rng(5).integers(0, 255, (32, 32)), np.uint8)
     answer = client.json("/api/search?k=6", body=png_bytes(image))
-    model, meta = network.load_model_bytes(storage.read_bytes(search.model_dir(run, 1).file("model.pt")))
+    model, meta = load_model_bytes(storage.read_bytes(search.model_dir(run, 1).file("model.pt")))
     query = search.query_features(model, meta, [png_bytes(image)], ltp_p=1)[0]
     want_ids, want_scores = _brute_force(run, query, 6)
     ids, scores = _answer(answer["results"])
