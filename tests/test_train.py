@@ -296,11 +296,12 @@ def test_second_round_starts_from_the_previous_weights_on_two_ddp_workers(traine
     from cliquecnn_ray.stages import train as stage
 
     run, _, _ = trained
-    # lr = 0: the round-1 weights are exactly where round 1 started (BatchNorm statistics do move).
-    record = stage.run(tiny_cfg(run, "train.lr=0.0", "train.steps=2", "train.num_workers=2"), 1)
+    # Both steps are head warm-up: the backbone's weights stay exactly where round 1 started (BatchNorm
+    # statistics do move). A zero lr, which this test used before, is now refused when the config loads.
+    record = stage.run(tiny_cfg(run, "train.steps=2", "train.num_workers=2"), 1)
     stats = record["stats"]
     assert stats["world_size"] == 2 and stats["steps"] == 2 and np.isfinite(stats["final_loss"])
-    assert stats["lr"] == 0.0 and stats["head_warmup_steps"] == 2  # min(100, steps)
+    assert stats["lr"] > 0 and stats["head_warmup_steps"] == 2  # min(100, steps)
     assert training.round_lr(tiny_cfg(run, "train.lr=0.01", "train.lr_round_decay=0.5"), 2) == pytest.approx(0.0025)
     assert record["inputs"]["previous_model"] == StageDir(run, 0, "model").fingerprint()
     assert stats["initialised_from"].endswith("model.pt") and stats["initialised_tensors"] > 0
