@@ -220,9 +220,8 @@ def main() -> None:
         },
         "run": run,
         "round": round_index,
-        "machine": (f"shared: {os.cpu_count()} cores used by several engineers' jobs at once (load average "
-                    f"{load_average:.1f} at the start); the service, its replicas (0 CPUs reserved each) and the "
-                    "load generator share them, so latencies are upper bounds for a dedicated machine"),
+        "machine": (f"{os.cpu_count()} cores, load average {load_average:.1f} at the start; the service, its "
+                    "replicas (0 CPUs reserved each) and the load generator share them"),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

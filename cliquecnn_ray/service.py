@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 APP_NAME = "cliquecnn"
 STRIP_FRAMES = 24  # frames of the query's video shown around it
 BROWSE_MAX = 500  # frames one /api/frames call lists at most
+SEARCH_BATCH = 32  # concurrent queries one index shard answers in one pass over its features
+MAX_ONGOING = 64  # requests a replica takes at once (Serve's default, 5, would queue them before batching)
 
 api = FastAPI(title="cliquecnn search", docs_url=None, redoc_url=None)
 
@@ -42,7 +44,7 @@ async def _query_error(_request: Request, exc: QueryError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=MAX_ONGOING)
 class IndexShard:
     """Rows [lo, hi) of the round's features (frame ids lo..hi−1) and an index over them."""
 
@@ -61,14 +63,21 @@ class IndexShard:
     def vector(self, frame_id: int) -> np.ndarray:
         return self.features[frame_id - self.lo]
 
-    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    async def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(d,) query → (scores (k,), frame_ids (k,)), −1 where the shard holds fewer than k frames."""
-        scores, rows = self.index.search(query.reshape(1, -1), k)
-        rows = rows[0]
-        return scores[0], np.where(rows >= 0, self.frame_ids[np.maximum(rows, 0)], -1)
+        return await self._search_batch((query, k))
+
+    @serve.batch(max_batch_size=SEARCH_BATCH, batch_wait_timeout_s=0.0)
+    async def _search_batch(self, requests: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        # Queries that arrived while the previous batch was searched share one pass over the features:
+        # exact search is memory-bound, so m queries cost little more than one (no wait is added at low load).
+        k = max(k for _, k in requests)
+        scores, rows = self.index.search(np.stack([q.reshape(-1) for q, _ in requests]), k)
+        ids = np.where(rows >= 0, self.frame_ids[np.maximum(rows, 0)], -1)
+        return [(scores[i, :ki], ids[i, :ki]) for i, (_, ki) in enumerate(requests)]
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=MAX_ONGOING)
 class Embedder:
     """The model that made the round's features; image queries in, features out, batched."""
 
@@ -93,7 +102,7 @@ class Embedder:
         return await self.embed(image)
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=MAX_ONGOING)
 @serve.ingress(api)
 class SearchApi:
     """The HTTP ingress: frames' metadata and thumbnails, fan-out to the shards, merge, re-rank."""

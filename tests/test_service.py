@@ -100,6 +100,22 @@ def test_similar_frames_equal_a_brute_force_search_over_both_shards(served):
         assert answer["query"] == frames[frame_id] and answer["rerank"] == "none" and answer["k"] == k
         assert [{key: r[key] for key in frames[0]} for r in answer["results"]] == [frames[i] for i in ids]
 
+def test_concurrent_queries_batched_by_the_shards_each_get_their_own_answer(served):
+    """Queries arriving together are searched in one pass per shard (serve.batch); each keeps its own k."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, run, _ = served
+    feats = _features(run)[1]
+    asks = [(frame_id, 1 + frame_id % 9) for frame_id in range(24)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(lambda a: client.json(f"/api/frames/{a[0]}/similar?k={a[1]}"), asks))
+    for (frame_id, k), answer in zip(asks, answers):
+        ids, scores = _answer(answer["results"])
+        want_ids, want_scores = _brute_force(run, feats[frame_id], k, exclude=frame_id)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
 
 def test_sharded_search_equals_unsharded():
     rng = np.random.default_rng(3)
