@@ -65,3 +65,37 @@ def tuning(name: str, root: Path) -> dict:
     """The validation sweep behind the config's λ (benchmarks/tune.py's JSON entry), or {} when not run."""
     path = root / "benchmarks" / "results" / "tune.json"
     return json.loads(path.read_text()).get(name, {}) if path.exists() else {}
+
+
+LAYERS = ("pool5", "fc6", "fc7")  # cnn_features.FEATURE_LAYERS: the candidates a layer sweep tries
+
+
+def layer_sweep(cfg: PipelineConfig, round_index: int = 0, layers=LAYERS) -> dict:
+    """Which layer's features to impute, chosen on the validation split only: round ``round_index``'s
+    trained model, each candidate layer's Pearson-normalised features of the validation frames, their
+    validation AUC / kNN / mAP (leave-one-out among the validation frames, as the evaluate stage). The layer
+    of best validation AUC is ``selected``. For still images (no LTP, no clips); no test label is read."""
+    import numpy as np
+
+    from cliquecnn_ray import metrics, schema
+    from cliquecnn_ray.cnn_features import extract_features
+    from cliquecnn_ray.model_file import MODEL_FILE, load_model_bytes
+    from cliquecnn_ray.similarity import pearson_normalise
+    from cliquecnn_ray.stage_outputs import IMAGE_COLUMNS, decode_frames, read_frames
+
+    model_uri = StageDir(cfg.run, round_index, "model").file(MODEL_FILE)
+    model, meta = load_model_bytes(storage.read_bytes(model_uri), source=model_uri)
+    labels = storage.read_parquet(validation_config(cfg).evaluate.labels).sort_by(schema.FRAME_ID)
+    frame_ids = labels.column(schema.FRAME_ID).to_numpy()
+    images = decode_frames(read_frames(cfg.run, frame_ids, IMAGE_COLUMNS), meta["input_size"],
+                           grey=meta["in_channels"] == 1)
+    names = np.asarray(labels.column(schema.LABEL).to_pylist())
+    candidates = []
+    for layer in layers:
+        feats = pearson_normalise(extract_features(model, images, layer).numpy())
+        figures = metrics.class_label_metrics(feats, names, k=cfg.evaluate.knn_k, pearson=False)
+        candidates.append({"feature_layer": layer, **pick(figures)})
+    best = max(candidates, key=lambda c: c["auc"])
+    return {"selected_on": "validation", "setting": "train.feature_layer", "round": round_index,
+            "validation_queries": len(frame_ids), "candidates": candidates,
+            "selected": {"feature_layer": best["feature_layer"]}}

@@ -3,7 +3,8 @@ cliques → batches → training → imputation, evaluated exactly as benchmarks
 (queries and database: the 10,000 test images, whose labels only the evaluation reads), against the
 baselines of paper Sect. 3.1 (random network, NN-CNN) and round 0 (HOG-LDA) measured in the same run.
 Settings are chosen on the validation split (5,000 training images, ``datasets.fashion_mnist_validation_ids``):
-λ by benchmarks/tune.py (kept under ``tuning``); every round is also evaluated there (``per_round_validation``).
+λ by benchmarks/tune.py (kept under ``tuning``), the imputed layer here (``layer_selection``, with round 0's
+model); every round is also evaluated there (``per_round_validation``). Steps and rounds are budgets.
 
     .venv/bin/python benchmarks/fashion_mnist.py [key=value ...]     # e.g. 'train.round_steps=[600,200]' rounds=2
 
@@ -42,6 +43,15 @@ def main() -> None:
     raysetup.init_ray()
     started = time.time()
     summary = run_pipeline(cfg)
+    # The imputed layer, chosen on validation labels with round 0's model; when the config names another,
+    # the run is redone with the selected one (its training too: the layer is part of the model file).
+    layer_selection = evidence.layer_sweep(resolve_builtin_data(cfg))
+    selected = layer_selection["selected"]["feature_layer"]
+    layer_selection["config_value"] = cfg.train.feature_layer
+    if selected != cfg.train.feature_layer:
+        print(f"validation selects feature_layer {selected}, the config has {cfg.train.feature_layer}: rerunning")
+        cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml", [*args, f"train.feature_layer={selected}"])
+        summary = run_pipeline(cfg)
     resolved = resolve_builtin_data(cfg)
     per_round_validation = [evidence.evaluate_validation(resolved, r) for r in range(cfg.rounds + 1)]
     base_started = time.time()
@@ -72,6 +82,10 @@ def main() -> None:
         "round0_references": references,
         "selected_on": "validation",
         "tuning": evidence.tuning("fashion_mnist", ROOT),
+        "layer_selection": layer_selection,
+        # Compute budgets, not tuned on any labels: more steps or rounds cost time; rounds = 1 because still
+        # images have no LTP to bring new information into a later round.
+        "budgets_not_tuned": {"train.steps": cfg.train.steps, "rounds": cfg.rounds},
         "batch_stats": evidence.batch_stats(cfg),
         "stage_seconds": stage_seconds,
         "total_s": round(time.time() - started, 1),

@@ -56,15 +56,59 @@ def summary(result: dict) -> str:
     return "; ".join(parts) + f". Took {minutes:.1f} min in all{method}."
 
 
+def variants_table(result: dict) -> list[str]:
+    """The method's variants on the validation clips: AUC of each round, the selected one marked."""
+    measured = result["variants"]
+    rounds = max(len(m["per_round_validation"]) for m in measured.values())
+    out = ["| variant | overrides | " + " | ".join(f"round {r}" for r in range(rounds)) + " |",
+           "|---|---|" + "---:|" * rounds]
+    for name, m in measured.items():
+        mark = " (selected)" if name == result.get("selected") else ""
+        cells = " | ".join(_cell(r["auc"]) for r in m["per_round_validation"])
+        out.append(f"| {name}{mark} | {' '.join(m['overrides']) or '(the config)'} | {cells} |")
+    return out
+
+
+def service_table(serve: dict, diffusion: dict | None) -> list[str]:
+    """The search service's headline figures against their goals (serve.json, diffusion.json)."""
+    goals = serve.get("goals", {})
+    rows = [("frame-id query p99 at concurrency 8, 2 shards (ms)", serve["frame_p99_ms"], goals.get("frame_p99_ms"),
+             "≤"),
+            ("image query p99 at concurrency 8, 2 shards (ms)", serve["image_p99_ms"], goals.get("image_p99_ms"), "≤"),
+            ("frame-id queries per second at concurrency 8", serve["frame_qps"], None, ""),
+            ("Serve overhead over an in-process search, p50 (ms)", serve["overhead_ms"], goals.get("overhead_ms"), "≤"),
+            ("IVF recall@10 against exact", serve["ann_recall_at_10"], goals.get("ann_recall_at_10"), "≥")]
+    if diffusion is not None:
+        rows.append(("diffusion re-ranking: test mAP gain", diffusion["diffusion_map_gain"], None, ""))
+        rows.append(("average query expansion: test mAP gain", diffusion["query_expansion_map_gain"], None, ""))
+    out = ["| | measured | goal |", "|---|---:|---:|"]
+    for name, value, goal, sign in rows:
+        out.append(f"| {name} | {value} | {'' if goal is None else f'{sign} {goal}'} |")
+    return out
+
+
 def render() -> str:
     lines = [BEGIN]
+    results = ROOT / "benchmarks" / "results"
     for name, title in BENCHMARKS:
-        path = ROOT / "benchmarks" / "results" / f"{name}.json"
+        path = results / f"{name}.json"
         if not path.exists():
             continue
         result = json.loads(path.read_text())
         lines += ["", f"**{title}**, from `benchmarks/results/{name}.json` (`benchmarks/{name}.py`):", ""]
         lines += table(result) + ["", summary(result)]
+    if (results / "variants.json").exists():
+        lines += ["", "**Moving Fashion-MNIST: the method's settings on the validation clips** (AUC, cross-video), "
+                  "from `benchmarks/results/variants.json` (`benchmarks/variants.py`):", ""]
+        lines += variants_table(json.loads((results / "variants.json").read_text()))
+    if (results / "serve.json").exists():
+        serve = json.loads((results / "serve.json").read_text())
+        diffusion = json.loads((results / "diffusion.json").read_text()) if (results / "diffusion.json").exists() \
+            else None
+        lines += ["", f"**Search service** on the Fashion-MNIST run ({serve['n']:,} frames, d = {serve['d']}), from "
+                  "`benchmarks/results/serve.json` (`benchmarks/serve.py`) and `diffusion.json` "
+                  f"(`benchmarks/diffusion.py`); {serve.get('machine', '')}:", ""]
+        lines += service_table(serve, diffusion)
     return "\n".join(lines + ["", END])
 
 
