@@ -72,30 +72,36 @@ LAYERS = ("pool5", "fc6", "fc7")  # cnn_features.FEATURE_LAYERS: the candidates 
 
 def layer_sweep(cfg: PipelineConfig, round_index: int = 0, layers=LAYERS) -> dict:
     """Which layer's features to impute, chosen on the validation split only: round ``round_index``'s
-    trained model, each candidate layer's Pearson-normalised features of the validation frames, their
-    validation AUC / kNN / mAP (leave-one-out among the validation frames, as the evaluate stage). The layer
-    of best validation AUC is ``selected``. For still images (no LTP, no clips); no test label is read."""
+    trained model, each candidate layer's Pearson-normalised features of the validation frames (with the
+    config's LTP within each clip when the frames are videos), their validation AUC / kNN / mAP
+    (leave-one-out among the validation frames as the evaluate stage; cross-video when the config says so).
+    The layer of best validation AUC is ``selected``. No test label is read."""
     import numpy as np
 
     from cliquecnn_ray import metrics, schema
     from cliquecnn_ray.cnn_features import extract_features
     from cliquecnn_ray.model_file import MODEL_FILE, load_model_bytes
-    from cliquecnn_ray.similarity import pearson_normalise
+    from cliquecnn_ray.similarity import ltp_stack, pearson_normalise
     from cliquecnn_ray.stage_outputs import IMAGE_COLUMNS, decode_frames, read_frames
 
     model_uri = StageDir(cfg.run, round_index, "model").file(MODEL_FILE)
     model, meta = load_model_bytes(storage.read_bytes(model_uri), source=model_uri)
     labels = storage.read_parquet(validation_config(cfg).evaluate.labels).sort_by(schema.FRAME_ID)
     frame_ids = labels.column(schema.FRAME_ID).to_numpy()
-    images = decode_frames(read_frames(cfg.run, frame_ids, IMAGE_COLUMNS), meta["input_size"],
-                           grey=meta["in_channels"] == 1)
+    frames = read_frames(cfg.run, frame_ids, [*IMAGE_COLUMNS, schema.VIDEO_ID, schema.FRAME_INDEX])
+    images = decode_frames(frames, meta["input_size"], grey=meta["in_channels"] == 1)
+    videos = np.asarray(frames.column(schema.VIDEO_ID).to_pylist())
+    frame_index = frames.column(schema.FRAME_INDEX).to_numpy()
     names = np.asarray(labels.column(schema.LABEL).to_pylist())
     candidates = []
     for layer in layers:
-        feats = pearson_normalise(extract_features(model, images, layer).numpy())
-        figures = metrics.class_label_metrics(feats, names, k=cfg.evaluate.knn_k, pearson=False)
+        phi = pearson_normalise(extract_features(model, images, layer).numpy())
+        feats = ltp_stack(phi, videos, frame_index, cfg.impute.ltp_p)
+        figures = metrics.class_label_metrics(feats, names, k=cfg.evaluate.knn_k, pearson=False,
+                                              videos=videos if cfg.evaluate.exclude_same_video else None)
         candidates.append({"feature_layer": layer, **pick(figures)})
     best = max(candidates, key=lambda c: c["auc"])
     return {"selected_on": "validation", "setting": "train.feature_layer", "round": round_index,
+            "model_layer": meta["feature_layer"], "ltp_p": cfg.impute.ltp_p,
             "validation_queries": len(frame_ids), "candidates": candidates,
             "selected": {"feature_layer": best["feature_layer"]}}

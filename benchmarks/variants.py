@@ -33,6 +33,9 @@ VARIANTS = {
     "temporal_cliques": ["cliques.max_per_video=0"],
     # Three times the training per round: is the config's budget what holds the rounds back?
     "more_steps": ["train.steps=1500"],
+    # The last convolution map, spatial layout kept, instead of fc7 (evidence.layer_sweep prefers it at a
+    # fixed model; here every later round's cliques come from it too).
+    "pool5": ["train.feature_layer=pool5"],
 }
 
 
