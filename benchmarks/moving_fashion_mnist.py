@@ -33,6 +33,44 @@ RESULTS = ROOT / "benchmarks" / "results" / "moving_fashion_mnist.json"
 KEYS = evidence.KEYS
 
 
+def clique_purity(cfg) -> list[dict]:
+    """What each round's cliques gather, over pairs of frames of two different TRAINING clips in one clique:
+    the share showing the same photograph behind them and the share showing items of the same class, each
+    beside its chance level (two distinct training clips drawn at random). Reads training images' classes
+    only, for this diagnosis; the pipeline never reads any."""
+    import numpy as np
+
+    from cliquecnn_ray import datasets, schema
+    from cliquecnn_ray.moving_fashion_mnist import clip_photographs
+    from cliquecnn_ray.rundir import StageDir
+
+    n = cfg.dataset.train_clips
+    images, labels = datasets.load_fashion_mnist("train")
+    classes = labels[datasets.moving_fashion_mnist_items("train", n, len(images), cfg.seed)]
+    photos = clip_photographs(n, seed=cfg.seed * 1000 + datasets.MOVING_SPLIT_SEEDS["train"])
+
+    def chance(values: np.ndarray) -> float:
+        counts = np.bincount(values).astype(np.float64)
+        return float((counts * (counts - 1)).sum() / (n * (n - 1)))
+
+    out = []
+    for r in range(cfg.rounds):
+        same_photo = same_class = pairs = 0
+        for members in StageDir(cfg.run, r, "cliques").read_table([schema.FRAME_IDS]).column(0).to_pylist():
+            clips = np.asarray(members) // FRAMES
+            clips = clips[clips < n]  # training clips only
+            a, b = np.triu_indices(len(clips), 1)
+            keep = clips[a] != clips[b]
+            a, b = clips[a[keep]], clips[b[keep]]
+            pairs += len(a)
+            same_photo += int((photos[a] == photos[b]).sum())
+            same_class += int((classes[a] == classes[b]).sum())
+        out.append({"round": r, "pairs": pairs, "same_photograph": round(same_photo / max(pairs, 1), 4),
+                    "same_photograph_chance": round(chance(photos), 4),
+                    "same_class": round(same_class / max(pairs, 1), 4), "same_class_chance": round(chance(classes), 4)})
+    return out
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--fresh"]
     cfg = load_config(ROOT / "configs" / "moving_fashion_mnist.yaml", args)
@@ -111,6 +149,8 @@ def main() -> None:
         "selected_on": "validation",
         "tuning": evidence.tuning("moving_fashion_mnist", ROOT),
         "batch_stats": evidence.batch_stats(cfg),
+        # Why the rounds do or do not improve: do cliques gather items of one class, or one photograph?
+        "clique_purity": clique_purity(cfg),
         "stage_seconds": stage_seconds,
         "method_s": round(method_s, 1),
         "total_s": round(time.time() - started, 1),

@@ -246,6 +246,17 @@ def moving_fashion_mnist_validation_clips(n_train_clips: int, seed: int = 0) -> 
     return np.sort(np.random.default_rng([seed, 12]).choice(n_train_clips, size=size, replace=False)).astype(np.int64)
 
 
+MOVING_SPLIT_SEEDS = {"train": 1, "test": 2}  # clip generator seeds per split: seed · 1000 + this
+
+
+def moving_fashion_mnist_items(split: str, n_clips: int, n_images: int, seed: int = 0) -> np.ndarray:
+    """Which of the split's ``n_images`` Fashion-MNIST images clip i shows (a seeded draw without
+    replacement). → (n_clips,) int64 positions in the split."""
+    if n_clips > n_images:
+        raise ValueError(f"Moving Fashion-MNIST: {n_clips} {split} clips asked, the split has {n_images} images")
+    return np.random.default_rng([seed, MOVING_SPLIT_SEEDS[split]]).choice(n_images, size=n_clips, replace=False)
+
+
 def moving_fashion_mnist_clips(n_train_clips: int, n_test_clips: int, seed: int = 0,
                                frames_per_clip: Optional[int] = None) -> dict[str, np.ndarray]:
     """Render the clips as arrays: train clip i shows training image ``items[i]`` (a seeded draw without
@@ -258,13 +269,11 @@ def moving_fashion_mnist_clips(n_train_clips: int, n_test_clips: int, seed: int 
 
     per_clip = frames_per_clip or mfm.FRAMES
     frames, video_ids, classes = [], [], []
-    for split, n_clips, split_seed in (("train", n_train_clips, 1), ("test", n_test_clips, 2)):
+    for split, n_clips in (("train", n_train_clips), ("test", n_test_clips)):
         images, labels = load_fashion_mnist(split)
-        if n_clips > len(images):
-            raise ValueError(f"Moving Fashion-MNIST: {n_clips} {split} clips asked, the split has {len(images)} images")
-        items = np.random.default_rng([seed, split_seed]).choice(len(images), size=n_clips, replace=False)
-        frames.append(mfm.render_clips(images[items], seed=seed * 1000 + split_seed, frames=per_clip).reshape(
-            -1, mfm.CANVAS, mfm.CANVAS))
+        items = moving_fashion_mnist_items(split, n_clips, len(images), seed)
+        frames.append(mfm.render_clips(images[items], seed=seed * 1000 + MOVING_SPLIT_SEEDS[split],
+                                       frames=per_clip).reshape(-1, mfm.CANVAS, mfm.CANVAS))
         video_ids += [f"{split}_{i:04d}" for i in range(n_clips) for _ in range(per_clip)]
         classes.append(np.repeat(labels[items], per_clip))
     n = len(video_ids)

@@ -109,6 +109,13 @@ def render_clip(item: np.ndarray, photos: Sequence[np.ndarray], rng: np.random.G
     return out
 
 
+def clip_photographs(n_clips: int, seed: int) -> np.ndarray:
+    """Index into PHOTOGRAPHS of each clip's background, as ``render_clips(items, seed)`` draws it (the first
+    draw of clip i's generator): for diagnostics, never for training. → (n_clips,) int64."""
+    return np.array([np.random.default_rng([seed, i]).integers(len(PHOTOGRAPHS)) for i in range(n_clips)],
+                    dtype=np.int64)
+
+
 def render_clips(items: np.ndarray, seed: int, frames: int = FRAMES) -> np.ndarray:
     """Clips of ``items`` (n, 28, 28) → (n, frames, CANVAS, CANVAS) uint8; clip i draws from its own
     generator (seed, i), so a clip does not depend on how many others are rendered."""

@@ -176,3 +176,16 @@ def test_moving_fashion_mnist_items_move_and_backgrounds_differ():
     assert np.linalg.norm(centres[-1] - centres[0]) > 5
     corners = mfm.trajectory(34, np.random.default_rng(0), frames=200)
     assert corners.min() >= 0 and corners.max() <= 64 - 34  # bounces keep the item on the canvas
+
+
+def test_clip_photographs_name_the_photograph_each_background_was_cut_from():
+    from cliquecnn_ray import moving_fashion_mnist as mfm
+
+    photos = mfm.photographs()
+    blank = mfm.render_clips(np.zeros((6, 28, 28), np.uint8), seed=5, frames=1)[:, 0]
+    for clip, index in enumerate(mfm.clip_photographs(6, seed=5)):
+        # Every other photograph blanked: the clip's background is unchanged only if it came from this one.
+        only = [p if j == index else np.zeros_like(p) for j, p in enumerate(photos)]
+        again = mfm.render_clip(np.zeros((28, 28), np.uint8), only, np.random.default_rng([5, clip]), frames=1)[0]
+        np.testing.assert_array_equal(again, blank[clip])
+        assert float(blank[clip].std()) > 3  # a photograph, not the flat fill a blanked one would give
