@@ -47,10 +47,19 @@ def summary(result: dict) -> str:
     for key in ("ltp_gain_auc", "cccp_gain_auc", "rounds_monotone", "selected_on"):
         if key in result:
             parts.append(f"`{key}` {result[key]}")
+    if "layer_selection" in result:
+        chosen = result["layer_selection"]["selected"]["feature_layer"]
+        parts.append(f"feature layer {chosen}, chosen on validation (`layer_selection`)")
     if "n_train_clips" in result:
         parts.append(f"{result['n_train_clips']} + {result['n_test_clips']} clips")
     if result.get("complete") is False:
         parts.append("**run cut short**: only the method's own rounds finished (no baselines or ablations)")
+    purity = result.get("clique_purity")
+    if purity:
+        parts.append("cliques' cross-clip pairs share a photograph " + ", ".join(
+            f"{p['same_photograph'] / p['same_photograph_chance']:.1f}×" for p in purity)
+            + " and a class " + ", ".join(f"{p['same_class'] / p['same_class_chance']:.1f}×" for p in purity)
+            + " as often as chance, rounds " + ", ".join(str(p["round"]) for p in purity) + " (`clique_purity`)")
     minutes = result["total_s"] / 60
     method = f", the method's own run {result['method_s'] / 60:.1f} min" if "method_s" in result else ""
     return "; ".join(parts) + f". Took {minutes:.1f} min in all{method}."

@@ -192,7 +192,7 @@ class ServeConfig:
 class DatasetConfig:
     """Size of a generated built-in data set (``sources: [moving_fashion_mnist]``); its seed is the run's."""
 
-    train_clips: int = setting(3000, min=2)  # issue 11: 3,000 + 500 clips = 70,000 frames
+    train_clips: int = setting(3000, min=2)  # 3,000 + 500 clips = 70,000 frames, as many as Fashion-MNIST
     test_clips: int = setting(500, min=1)  # clips of test images, whose labels only the evaluation reads
 
 
