@@ -105,3 +105,20 @@ def layer_sweep(cfg: PipelineConfig, round_index: int = 0, layers=LAYERS) -> dic
             "model_layer": meta["feature_layer"], "ltp_p": cfg.impute.ltp_p,
             "validation_queries": len(frame_ids), "candidates": candidates,
             "selected": {"feature_layer": best["feature_layer"]}}
+
+
+def recorded_seconds(cfg: PipelineConfig) -> dict:
+    """Seconds each pipeline stage took, summed over rounds, from the committed records (``_SUCCESS.json``):
+    the method's own cost even when a benchmark resumed a run whose stages were already committed.
+    ``method_total`` is their sum."""
+    dirs = [("ingest", 0, "frames"), ("features", 0, "features")]
+    for r in range(cfg.rounds):
+        dirs += [("neighbours", r, "neighbours"), ("cliques", r, "cliques"), ("batches", r, "batches"),
+                 ("train", r, "model"), ("impute", r + 1, "features")]
+    dirs += [("evaluate", r, "evaluate") for r in range(cfg.rounds + 1)]
+    out: dict[str, float] = {}
+    for name, r, stage in dirs:
+        record = StageDir(cfg.run, r, stage).record() or {}
+        out[name] = round(out.get(name, 0.0) + float(record.get("seconds") or 0.0), 1)
+    out["method_total"] = round(sum(out.values()), 1)
+    return out

@@ -61,7 +61,7 @@ def main() -> None:
     per_round = [_pick(m) for m in summary["per_round"]]
     r0, final = per_round[0], per_round[-1]
     references = {"raw": _pick(base["raw"]), "hog": _pick(base["hog"]), "hog_lda": r0}
-    stage_seconds = dict(summary["stage_seconds"])
+    stage_seconds = evidence.recorded_seconds(cfg)  # the method's stages as committed, resumed or not
     stage_seconds["baselines"] = round(base_seconds, 1)
     results = {
         "auc_round0": r0["auc"],
