@@ -132,6 +132,7 @@ def main() -> None:
         "n_train_clips": cfg.dataset.train_clips,
         "n_test_clips": cfg.dataset.test_clips,
         "frames": (cfg.dataset.train_clips + cfg.dataset.test_clips) * FRAMES,
+        "steps_per_round": cfg.train.steps,
         "evaluation": "cross-video (evaluate.exclude_same_video): test clips' frames, labels = the item's class",
         "auc_round0": per_round[0]["auc"],
         "auc_final": final["auc"],
