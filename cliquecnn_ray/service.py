@@ -72,7 +72,10 @@ class IndexShard:
         # Queries that arrived while the previous batch was searched share one pass over the features:
         # exact search is memory-bound, so m queries cost little more than one (no wait is added at low load).
         k = max(k for _, k in requests)
-        scores, rows = self.index.search(np.stack([q.reshape(-1) for q, _ in requests]), k)
+        # In a thread (numpy releases the GIL): the replica's event loop keeps answering Serve's queue-length
+        # probes and taking the next queries while a pass runs.
+        queries = np.stack([q.reshape(-1) for q, _ in requests])
+        scores, rows = await asyncio.to_thread(self.index.search, queries, k)
         ids = np.where(rows >= 0, self.frame_ids[np.maximum(rows, 0)], -1)
         return [(scores[i, :ki], ids[i, :ki]) for i, (_, ki) in enumerate(requests)]
 
@@ -96,7 +99,10 @@ class Embedder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def embed(self, images: list[bytes]) -> list[np.ndarray]:
-        return list(search.query_features(self.model, self.meta, images, self.ltp_p, device=self.device))
+        # In a thread, as the shards' search: the forward pass must not block the replica's event loop.
+        features = await asyncio.to_thread(search.query_features, self.model, self.meta, images, self.ltp_p,
+                                           device=self.device)
+        return list(features)
 
     async def __call__(self, image: bytes) -> np.ndarray:
         return await self.embed(image)
