@@ -126,6 +126,7 @@ class LocalCluster:
         self.dashboard_port = free_port()
         self.object_store = str(object_store_mb * 1024 * 1024)
         self.nodes: list[Node] = []
+        self.total_cpus = 0
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         try:
@@ -157,6 +158,7 @@ class LocalCluster:
                                     cwd=self.temp_dir, start_new_session=True)
         node = Node(proc, log, head)
         self.nodes.append(node)
+        self.total_cpus += cpus
         node.node_id = self._wait_for_node(node, before={n.node_id for n in self.nodes if n.node_id})
         return node
 
@@ -182,6 +184,21 @@ class LocalCluster:
     def session_logs(self) -> Path:
         """The Ray session's log folder (every node writes under the head's temp dir on this one host)."""
         return Path(self.temp_dir) / "session_latest" / "logs"
+
+    def wait_until_idle(self, timeout: float = 120.0) -> None:
+        """Block until every node has reported all its CPUs free (what an earlier test's jobs held, e.g. a
+        killed driver's workers, is released), so a stage that follows can be scheduled on every node."""
+        deadline, usage = time.time() + timeout, None
+        while time.time() < deadline:
+            try:
+                usage = self._get("/api/cluster_status")["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
+                used, total = usage["CPU"]
+                if used == 0 and total == self.total_cpus:
+                    return
+            except (KeyError, TypeError, ValueError, OSError):  # no report yet
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the cluster's CPUs are not all free after {timeout:.0f} s: {usage}")
 
     def kill_raylet(self, node: Node) -> int:
         """SIGKILL the node's raylet: the node dies as on a lost machine (its workers die with it)."""

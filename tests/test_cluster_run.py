@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -162,7 +163,7 @@ def test_driver_sigkilled_mid_stage_reruns_and_commits_the_same_result(cluster, 
         assert got.column(column).to_pylist() == want.column(column).to_pylist(), column
 
 
-def _commit_frames_in_parts(run: str, parts: int = 12, per_part: int = 4) -> None:
+def _commit_frames_in_parts(run: str, parts: int = 24, per_part: int = 4) -> None:
     """Frames in several Parquet files, so the features stage reads them as several Ray Data tasks."""
     images, _ = class_images(n_classes=4, per_class=parts * per_part // 4, size=32, seed=2)
     out = StageDir(run, 0, "frames")
@@ -181,6 +182,10 @@ def _commit_frames_in_parts(run: str, parts: int = 12, per_part: int = 4) -> Non
     rundir.run_stage(out, {"synthetic": "frames"}, {}, write, force=True)
 
 
+def _tasks_per_node(cluster: LocalCluster) -> dict:
+    return dict(Counter(task.get("node_id") for task in cluster.list_tasks()))
+
+
 FEATURES = ["features.kind=hog", "features.batch_size=2"]  # one fused Ray Data pass: read, describe, write
 DATA_TASKS = ("ray::ReadParque", "ray::MapBatches", "ray::MapBatche")
 
@@ -192,13 +197,15 @@ def test_worker_node_lost_mid_features_stage_ends_with_the_undisturbed_features(
     _commit_frames_in_parts(run)
     _commit_frames_in_parts(reference)
     worker = next(node for node in cluster.nodes if not node.head)
+    cluster.wait_until_idle()  # the worker node's CPU is free, so the stage's tasks spread onto it
     driver = drive(cluster, ["features", "--run", run, *FEATURES])
     killed, deadline = None, time.time() + 180
     while killed is None and driver.poll() is None and time.time() < deadline:
         if any(process_name(p).startswith(DATA_TASKS) for p in worker.processes()):
             killed = cluster.kill_raylet(worker)
         time.sleep(0.01)
-    assert killed, "no Ray Data task ever ran on the worker node"
+    assert killed, ("no Ray Data task ever ran on the worker node "
+                    f"{worker.node_id}; tasks per node: {_tasks_per_node(cluster)}")
     finish(driver)
 
     features_stage.run(load_config(None, FEATURES + [f"run={reference}"]))
