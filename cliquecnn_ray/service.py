@@ -44,13 +44,23 @@ async def _query_error(_request: Request, exc: QueryError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
 
 
+def _use_threads(threads: int) -> None:
+    """BLAS and torch thread pools of this replica (Ray starts it with one thread when it reserves < 2 CPUs)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)
+    torch.set_num_threads(threads)
+
+
 @serve.deployment(max_ongoing_requests=MAX_ONGOING)
 class IndexShard:
     """Rows [lo, hi) of the round's features (frame ids lo..hi−1) and an index over them."""
 
-    def __init__(self, run: str, round_index: int, lo: int, hi: int, kind: str):
+    def __init__(self, run: str, round_index: int, lo: int, hi: int, kind: str, threads: int):
         from .ann import build_index
 
+        _use_threads(threads)
         self.lo = lo
         self.frame_ids, self.features = search.read_feature_slice(run, round_index, lo, hi)
         self.index = build_index(self.features, kind)
@@ -84,12 +94,14 @@ class IndexShard:
 class Embedder:
     """The model that made the round's features; image queries in, features out, batched."""
 
-    def __init__(self, model_uri: str, ltp_p: int, max_batch_size: int, batch_wait_s: float, gpu: bool):
+    def __init__(self, model_uri: str, ltp_p: int, max_batch_size: int, batch_wait_s: float, gpu: bool,
+                 threads: int):
         import torch
 
         from . import storage
         from .model_file import load_model_bytes
 
+        _use_threads(threads)
         self.model, self.meta = load_model_bytes(storage.read_bytes(model_uri), source=model_uri)
         self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
@@ -223,13 +235,15 @@ def build_app(cfg: PipelineConfig, run: str, round_index: int | None = None):
     if scfg.index not in ("exact", "ivf", "hnsw"):
         raise ConfigError(f"config key 'serve.index': {scfg.index!r} is not one of exact, ivf, hnsw")
     bounds = search.shard_bounds(search.feature_count(run, round_index), scfg.shards)
+    threads = scfg.threads or max(1, int(scfg.cpus_per_replica))
     options = {"num_cpus": scfg.cpus_per_replica}
     shards = [IndexShard.options(name=f"IndexShard{i}", ray_actor_options=options).bind(run, round_index, lo, hi,
-                                                                                        scfg.index)
+                                                                                        scfg.index, threads)
               for i, (lo, hi) in enumerate(bounds)]
     model_uri = absolute_uri(search.model_dir(run, round_index).file(MODEL_FILE))
     embedder = Embedder.options(ray_actor_options={**options, "num_gpus": 1 if scfg.gpu else 0}).bind(
-        model_uri, search.ltp_radius(run, round_index), scfg.max_batch_size, scfg.batch_wait_ms / 1000, scfg.gpu)
+        model_uri, search.ltp_radius(run, round_index), scfg.max_batch_size, scfg.batch_wait_ms / 1000, scfg.gpu,
+        threads)
     settings = {**to_dict(scfg), "shard_ends": [hi for _, hi in bounds]}
     return SearchApi.options(ray_actor_options=options).bind(run, round_index, shards, embedder, settings,
                                                              to_dict(cfg.evaluate.diffusion))

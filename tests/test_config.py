@@ -72,6 +72,7 @@ def test_every_default_has_a_reason():
         ("cliques.num_cliques=-3", "cliques.num_cliques"),
         ("impute.ltp_p=-1", "impute.ltp_p"),
         ("evaluate.knn_k=0", "evaluate.knn_k"),
+        ("serve.threads=-1", "serve.threads"),
         ("resources.cpus_per_task=0", "resources.cpus_per_task"),
         ("train.lr=.nan", "train.lr"),
         ("train.lr=nan", "train.lr"),

@@ -55,8 +55,8 @@ def served(searchable_run):
     from cliquecnn_ray import service
 
     run, cfg, _ = searchable_run
-    cfg = dataclasses.replace(cfg, serve=ServeConfig(shards=2, cpus_per_replica=0, port=_free_port(), max_k=MAX_K,
-                                                     thumbnail_size=40, max_upload_mb=0.5))
+    cfg = dataclasses.replace(cfg, serve=ServeConfig(shards=2, cpus_per_replica=0, threads=2, port=_free_port(),
+                                                     max_k=MAX_K, thumbnail_size=40, max_upload_mb=0.5))
     url = service.start(cfg, run)
     yield Client(url), run, cfg
     serve.shutdown()
@@ -207,6 +207,7 @@ def test_serve_refuses_a_run_without_model_or_features(ray_session, tmp_path, ca
     assert "round 1 features" in err and "round 0 model" in err
     with pytest.raises(StageNotCommitted, match="no round to serve"):
         build_app(load_config(None, []), run)
+
 
 
 @pytest.fixture(scope="module")
