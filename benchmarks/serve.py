@@ -9,7 +9,9 @@ images) at concurrency 1, 8 and 32. The service overhead is the
 Serve p50 of frame queries at concurrency 1 (one shard) minus the in-process exact search's p50, measured
 just before it (on a shared machine the load changes from minute to minute) on as many BLAS threads as that
 shard's replica has (``serve.threads``: the machine's cores divided among the shards). The approximate indexes'
-recall@10 is measured against exact search on 1,000 frames' queries.
+recall@10 is measured against exact search on 1,000 frames' queries. Every setting also records the CPU each
+role (proxy, each deployment, the load generator, the rest) spent per answered request: on a small machine
+their sum, not any one hop, is what bounds throughput and so latency under load.
 ``diffusion_map_gain`` comes from benchmarks/diffusion.py's ``measure_diffusion_gain`` (its stages are
 committed in the run, so this reads them back unless they were never run).
 
@@ -59,8 +61,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_seconds_by_role() -> dict[str, float]:
+    """CPU seconds used so far by this machine's processes, by role: Serve's HTTP proxy, each replica of the
+    service (by deployment), the load generator (this process) and everything else (Ray's own daemons, the
+    rest of the machine). Read from Linux's /proc; empty elsewhere."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(entry.name) == os.getpid():
+            role = "load generator"
+        elif name.startswith("ray::ProxyActor"):
+            role = "proxy"
+        elif name.startswith("ray::ServeReplica:"):
+            role = name.rsplit(":", 1)[1]
+        else:
+            role = "other"
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
 def closed_loop(port: int, requests: list[tuple[str, str, bytes | None]], concurrency: int) -> dict:
-    """Send ``requests`` (method, path, body) from ``concurrency`` keep-alive clients; qps and latencies."""
+    """Send ``requests`` (method, path, body) from ``concurrency`` keep-alive clients; qps, latencies and the
+    CPU each role of the service spent per answered request."""
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -84,6 +111,7 @@ def closed_loop(port: int, requests: list[tuple[str, str, bytes | None]], concur
                 (latencies.append(elapsed) if response.status == 200 else errors.append(str(response.status)))
         conn.close()
 
+    cpu_before = cpu_seconds_by_role()
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
@@ -91,10 +119,15 @@ def closed_loop(port: int, requests: list[tuple[str, str, bytes | None]], concur
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    cpu = {role: (seconds - cpu_before.get(role, 0.0)) * 1000 / max(1, len(latencies))
+           for role, seconds in cpu_seconds_by_role().items()}
     ms = np.asarray(latencies) * 1000
     return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
             "qps": round(len(latencies) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "cpu_ms_per_request": {role: round(v, 2) for role, v in sorted(cpu.items(), key=lambda rv: -rv[1])
+                                   if v >= 0.05},
+            "cpu_cores_busy": round(sum(cpu.values()) * len(latencies) / 1000 / wall, 2)}
 
 
 def in_process_search_ms(features: np.ndarray, queries: np.ndarray, threads: int) -> float:
@@ -226,6 +259,11 @@ def main() -> None:
                 "image_p50_ms": approximate["image"]["p50_ms"], "image_p99_ms": approximate["image"]["p99_ms"],
                 "goals_met": {"frame_p99_ms": approximate["frame"]["p99_ms"] <= GOALS["frame_p99_ms"],
                               "image_p99_ms": approximate["image"]["p99_ms"] <= GOALS["image_p99_ms"]}},
+        "cpu_ms_per_request": {"frame": headline["frame"]["cpu_ms_per_request"],
+                               "image": headline["image"]["cpu_ms_per_request"],
+                               "about": ("at the headline setting: CPU milliseconds each role spent per answered "
+                                         "request; their sum bounds the queries per second the machine's cores "
+                                         "can answer")},
         "in_process_exact_search_p50_ms": round(reference_ms, 3),
         "serve_frame_p50_ms_c1_1shard": at(1, 1)["frame"]["p50_ms"],
         "ann": ann,
@@ -247,6 +285,10 @@ def main() -> None:
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nn = {n}, d = {d}; in-process exact search p50 {reference_ms:.2f} ms; Serve frame p50 at c=1 "
           f"{at(1, 1)['frame']['p50_ms']:.2f} ms → overhead {overhead:.2f} ms (goal ≤ 10)")
+    for kind in ("frame", "image"):
+        spent = results["cpu_ms_per_request"][kind]
+        print(f"c=8, 2 shards, {kind} queries: CPU ms per request {sum(spent.values()):.1f} = "
+              + ", ".join(f"{role} {v:.1f}" for role, v in spent.items()))
     recalls = ", ".join(f"{kind} {a['recall_at_10']:.3f}" for kind, a in ann.items())
     print(f"ANN recall@10: {recalls} (goal ≥ 0.95)")
     print(f"c=8, 2 shards: frame p99 {results['frame_p99_ms']} ms (goal ≤ 100), image p99 {results['image_p99_ms']} "

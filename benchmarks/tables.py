@@ -103,6 +103,12 @@ def service_table(serve: dict, diffusion: dict | None) -> list[str]:
                       goals.get("frame_p99_ms"), "≤"),
                      ("with the IVF index: image query p99 (ms)", serve["ivf"]["image_p99_ms"],
                       goals.get("image_p99_ms"), "≤")]
+    if "cpu_ms_per_request" in serve:  # what bounds throughput on a small machine
+        spent = serve["cpu_ms_per_request"]["frame"]
+        rows.insert(rows.index(next(r for r in rows if r[0].startswith("frame-id queries per second"))) + 1,
+                    ("CPU per frame-id query at concurrency 8, all processes (ms): "
+                     + ", ".join(f"{role} {v}" for role, v in spent.items()), round(sum(spent.values()), 1),
+                     None, ""))
     if diffusion is not None:
         rows.append(("diffusion re-ranking: test mAP gain", diffusion["diffusion_map_gain"], None, ""))
         rows.append(("average query expansion: test mAP gain", diffusion["query_expansion_map_gain"], None, ""))

@@ -33,8 +33,14 @@ log = logging.getLogger(__name__)
 APP_NAME = "cliquecnn"
 STRIP_FRAMES = 24  # frames of the query's video shown around it
 BROWSE_MAX = 500  # frames one /api/frames call lists at most
-SEARCH_BATCH = 32  # concurrent queries one index shard answers in one pass over its features
-MAX_ONGOING = 64  # requests a replica takes at once (Serve's default, 5, would queue them before batching)
+SEARCH_BATCH = 16  # concurrent queries gathered into one call per shard, and one pass over its features
+SEARCH_BATCHES = 4  # batches of queries the ingress has in flight at once (one would serialise its queries)
+MAX_ONGOING = SEARCH_BATCH * SEARCH_BATCHES  # requests a replica takes at once (Serve's default, 5, would
+# queue them before they could be batched)
+# Every replica runs Serve's throughput-optimised request path (user code and router on the replica's own
+# event loop, gRPC between replicas), which spends less CPU per call. Direct ingress stays off, so HTTP
+# reaches the service only through the proxy on serve.host:serve.port.
+REPLICA_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 api = FastAPI(title="cliquecnn search", docs_url=None, redoc_url=None)
 
@@ -70,24 +76,30 @@ class IndexShard:
     def dimension(self) -> int:
         return int(self.features.shape[1])
 
-    def vector(self, frame_id: int) -> np.ndarray:
-        return self.features[frame_id - self.lo]
+    def vectors(self, frame_ids: np.ndarray) -> np.ndarray:
+        """The features (m, d) of frames this shard holds."""
+        return self.features[np.asarray(frame_ids, np.int64) - self.lo]
 
-    async def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(d,) query → (scores (k,), frame_ids (k,)), −1 where the shard holds fewer than k frames."""
-        return await self._search_batch((query, k))
+    async def search_frames(self, frame_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` with frames this shard holds as the queries."""
+        return await self.search(self.vectors(frame_ids), k)
+
+    async def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(m, d) queries → (scores (m, k), frame_ids (m, k)), −1 where the shard holds fewer than k frames."""
+        return await self._search_batch((np.atleast_2d(queries), k))
 
     @serve.batch(max_batch_size=SEARCH_BATCH, batch_wait_timeout_s=0.0)
     async def _search_batch(self, requests: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        # Queries that arrived while the previous batch was searched share one pass over the features:
-        # exact search is memory-bound, so m queries cost little more than one (no wait is added at low load).
+        # Query blocks that arrived while the previous pass ran (from several ingress replicas) share one pass.
         k = max(k for _, k in requests)
         # In a thread (numpy releases the GIL): the replica's event loop keeps answering Serve's queue-length
         # probes and taking the next queries while a pass runs.
-        queries = np.stack([q.reshape(-1) for q, _ in requests])
+        queries = np.concatenate([q for q, _ in requests])
         scores, rows = await asyncio.to_thread(self.index.search, queries, k)
         ids = np.where(rows >= 0, self.frame_ids[np.maximum(rows, 0)], -1)
-        return [(scores[i, :ki], ids[i, :ki]) for i, (_, ki) in enumerate(requests)]
+        ends = np.cumsum([len(q) for q, _ in requests])
+        return [(scores[end - len(q) : end, :ki], ids[end - len(q) : end, :ki])
+                for end, (q, ki) in zip(ends, requests)]
 
 
 @serve.deployment(max_ongoing_requests=MAX_ONGOING)
@@ -142,7 +154,8 @@ class SearchApi:
 
     # --- the search itself
 
-    async def _nearest(self, query: np.ndarray, k: int, rerank: str, exclude: int | None = None) -> list[dict]:
+    async def _nearest(self, query: np.ndarray | int, k: int, rerank: str, exclude: int | None = None) -> list[dict]:
+        """The answer to ``query`` (a feature, or a frame id: that frame's feature)."""
         wanted = k + (exclude is not None)
         if rerank == "diffusion":
             if self.graph is None:
@@ -150,8 +163,7 @@ class SearchApi:
             fetch = max(wanted, self.diffusion["truncate"])
         else:
             fetch = wanted
-        parts = await asyncio.gather(*(shard.search.remote(query, fetch) for shard in self.shards))
-        scores, ids = search.merge_top_k(parts, fetch)
+        scores, ids = await self._top_k((query, fetch))
         if rerank == "diffusion":
             from .diffusion import rerank as diffuse
 
@@ -159,6 +171,38 @@ class SearchApi:
             ids = self.graph.frame_ids[rows]
         keep = ids != exclude if exclude is not None else np.ones(len(ids), bool)
         return self.frames.describe(ids[keep][:k], scores[keep][:k])
+
+    # Concurrent queries are gathered into one call per shard: each call costs the ingress and the shard
+    # milliseconds of Serve's routing and (de)serialisation, the search itself little more per query.
+
+    @serve.batch(max_batch_size=SEARCH_BATCH, batch_wait_timeout_s=0.0, max_concurrent_batches=SEARCH_BATCHES)
+    async def _top_k(self, requests: list[tuple[np.ndarray | int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(query, k) → the k best (scores, frame_ids) over every shard, merged; a query is a feature (d,) or a
+        frame id (that frame's feature)."""
+        k = max(k for _, k in requests)
+        queries = [q for q, _ in requests]
+        answers: list[list] = [[] for _ in requests]  # each shard's (scores, frame_ids) for each query
+        frame_rows = [r for r, q in enumerate(queries) if isinstance(q, int)]
+        if frame_rows:
+            frame_ids = np.array([queries[r] for r in frame_rows], np.int64)
+            if len(self.shards) == 1:  # the one shard looks the frames up and searches them in the same call
+                scores, found = await self.shards[0].search_frames.remote(frame_ids, k)
+                for i, r in enumerate(frame_rows):
+                    answers[r].append((scores[i], found[i]))
+            else:  # each frame's feature from its shard, then every shard searches it
+                owner = np.searchsorted(self.bounds_hi, frame_ids, side="right")
+                holding = np.unique(owner)
+                parts = await asyncio.gather(*(self.shards[s].vectors.remote(frame_ids[owner == s]) for s in holding))
+                for s, vectors in zip(holding, parts):
+                    for r, vector in zip(np.asarray(frame_rows)[owner == s], vectors):
+                        queries[r] = vector
+        rows = [r for r in range(len(requests)) if not answers[r]]
+        if rows:
+            block = np.stack([np.asarray(queries[r], np.float32).reshape(-1) for r in rows])
+            for scores, found in await asyncio.gather(*(shard.search.remote(block, k) for shard in self.shards)):
+                for i, r in enumerate(rows):
+                    answers[r].append((scores[i], found[i]))
+        return [search.merge_top_k(answers[r], ki) for r, (_, ki) in enumerate(requests)]
 
     def _query(self, k: int | None, rerank: str) -> int:
         k = self.settings["default_k"] if k is None else k
@@ -196,9 +240,7 @@ class SearchApi:
     async def similar(self, frame_id: int, k: int | None = None, rerank: str = "none") -> dict:
         row = self.frames.row(frame_id)
         k = self._query(k, rerank)
-        shard = self.shards[int(np.searchsorted(self.bounds_hi, frame_id, side="right"))]
-        vector = await shard.vector.remote(frame_id)
-        results = await self._nearest(vector, k, rerank, exclude=frame_id)
+        results = await self._nearest(frame_id, k, rerank, exclude=frame_id)
         return {"query": self.frames.info(row).as_dict(), "k": k, "rerank": rerank, "results": results}
 
     @api.get("/api/frames/{frame_id}/image")
@@ -236,7 +278,7 @@ def build_app(cfg: PipelineConfig, run: str, round_index: int | None = None):
         raise ConfigError(f"config key 'serve.index': {scfg.index!r} is not one of exact, ivf, hnsw")
     bounds = search.shard_bounds(search.feature_count(run, round_index), scfg.shards)
     threads = scfg.threads or max(1, int(scfg.cpus_per_replica))
-    options = {"num_cpus": scfg.cpus_per_replica}
+    options = {"num_cpus": scfg.cpus_per_replica, "runtime_env": {"env_vars": REPLICA_ENV}}
     shards = [IndexShard.options(name=f"IndexShard{i}", ray_actor_options=options).bind(run, round_index, lo, hi,
                                                                                         scfg.index, threads)
               for i, (lo, hi) in enumerate(bounds)]

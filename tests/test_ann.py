@@ -18,7 +18,9 @@ def test_exact_equals_brute_force(monkeypatch):
     expected = np.argsort(-full, axis=1, kind="stable")[:, :10]
     np.testing.assert_array_equal(rows, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(full, expected, 1), rtol=1e-6)
-    monkeypatch.setattr(ann, "BLOCK_BYTES", 4 * 300 * 2)  # blocks of two queries: the same answer
+    monkeypatch.setattr(ann, "ROW_BLOCK", 64)  # 7 queries: features read 64 rows at a time, the same answer
+    np.testing.assert_array_equal(ann.build_index(feats).search(queries, 10)[1], expected)
+    monkeypatch.setattr(ann, "BLOCK_BYTES", 4 * 300 * 2)  # blocks of two queries, one pass each: the same
     np.testing.assert_array_equal(ann.build_index(feats).search(queries, 10)[1], expected)
     # More than n asked: padded with row −1, score −inf.
     scores, rows = ann.build_index(feats[:3]).search(queries[:2], 5)

@@ -116,6 +116,27 @@ def test_concurrent_queries_batched_by_the_shards_each_get_their_own_answer(serv
         np.testing.assert_allclose(scores, want_scores, atol=1e-5)
 
 
+def test_one_shard_looks_a_frame_up_and_searches_it_in_one_call(served):
+    """With a single index shard, a frame query is one call to it, not a lookup and then a search: the same
+    answers as the two-shard service and a brute-force search."""
+    from cliquecnn_ray import service
+
+    client, run, cfg = served
+    feats = _features(run)[1]
+    two_shards = client.json("/api/frames/17/similar?k=9")
+    try:
+        service.start(dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, shards=1)), run)
+        assert client.json("/api/info")["shards"] == 1
+        assert client.json("/api/frames/17/similar?k=9") == two_shards
+        for frame_id, k in ((0, 23), (12, 4)):
+            ids, scores = _answer(client.json(f"/api/frames/{frame_id}/similar?k={k}")["results"])
+            want_ids, want_scores = _brute_force(run, feats[frame_id], k, exclude=frame_id)
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    finally:
+        service.start(cfg, run)  # the module's two-shard service again, for the tests after this one
+    assert client.json("/api/info")["shards"] == 2
+
 
 def test_sharded_search_equals_unsharded():
     rng = np.random.default_rng(3)
