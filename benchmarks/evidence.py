@@ -101,8 +101,8 @@ def layer_sweep(cfg: PipelineConfig, round_index: int = 0, layers=LAYERS) -> dic
                                               videos=videos if cfg.evaluate.exclude_same_video else None)
         candidates.append({"feature_layer": layer, **pick(figures)})
     best = max(candidates, key=lambda c: c["auc"])
-    return {"selected_on": "validation", "setting": "train.feature_layer", "round": round_index,
-            "model_layer": meta["feature_layer"], "ltp_p": cfg.impute.ltp_p,
+    return {"selected_on": "validation", "setting": "impute.feature_layer", "round": round_index,
+            "ltp_p": cfg.impute.ltp_p,
             "validation_queries": len(frame_ids), "candidates": candidates,
             "selected": {"feature_layer": best["feature_layer"]}}
 

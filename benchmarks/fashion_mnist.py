@@ -44,13 +44,13 @@ def main() -> None:
     started = time.time()
     summary = run_pipeline(cfg)
     # The imputed layer, chosen on validation labels with round 0's model; when the config names another,
-    # the run is redone with the selected one (its training too: the layer is part of the model file).
+    # the run is redone with the selected one from impute on (the trained models are reused).
     layer_selection = evidence.layer_sweep(resolve_builtin_data(cfg))
     selected = layer_selection["selected"]["feature_layer"]
-    layer_selection["config_value"] = cfg.train.feature_layer
-    if selected != cfg.train.feature_layer:
-        print(f"validation selects feature_layer {selected}, the config has {cfg.train.feature_layer}: rerunning")
-        cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml", [*args, f"train.feature_layer={selected}"])
+    layer_selection["config_value"] = cfg.impute.feature_layer
+    if selected != cfg.impute.feature_layer:
+        print(f"validation selects feature_layer {selected}, the config has {cfg.impute.feature_layer}: rerunning")
+        cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml", [*args, f"impute.feature_layer={selected}"])
         summary = run_pipeline(cfg)
     resolved = resolve_builtin_data(cfg)
     per_round_validation = [evidence.evaluate_validation(resolved, r) for r in range(cfg.rounds + 1)]
@@ -92,7 +92,7 @@ def main() -> None:
         "config": {"rounds": cfg.rounds, "train_steps": [round_steps(cfg, r) for r in range(cfg.rounds)],
                    "num_cliques": cfg.cliques.num_cliques,
                    "batches": cfg.batches.num_batches, "r": cfg.batches.cliques_per_batch,
-                   "selection": cfg.cliques.selection, "feature_layer": cfg.train.feature_layer,
+                   "selection": cfg.cliques.selection, "feature_layer": cfg.impute.feature_layer,
                    "lda_lambda": cfg.features.lda_lambda,
                    "lr": cfg.train.lr, "lr_round_decay": cfg.train.lr_round_decay,
                    "head_warmup_steps": cfg.train.head_warmup_steps, "head_warmup_lr": cfg.train.head_warmup_lr},

@@ -89,8 +89,9 @@ def variants_table(result: dict) -> list[str]:
     return out
 
 
-def service_table(serve: dict, diffusion: dict | None) -> list[str]:
-    """The search service's headline figures against their goals (serve.json, diffusion.json)."""
+def service_table(serve: dict, diffusion: dict | None, moving: dict | None = None) -> list[str]:
+    """The search service's headline figures against their goals (serve.json), and the re-rankings' gains
+    (diffusion.json; diffusion_moving_fashion_mnist.json, cross-video)."""
     goals = serve.get("goals", {})
     rows = [("frame-id query p99 at concurrency 8, 2 shards (ms)", serve["frame_p99_ms"], goals.get("frame_p99_ms"),
              "≤"),
@@ -112,6 +113,11 @@ def service_table(serve: dict, diffusion: dict | None) -> list[str]:
     if diffusion is not None:
         rows.append(("diffusion re-ranking: test mAP gain", diffusion["diffusion_map_gain"], None, ""))
         rows.append(("average query expansion: test mAP gain", diffusion["query_expansion_map_gain"], None, ""))
+    if moving is not None:
+        rows.append(("Moving Fashion-MNIST, cross-video: diffusion test mAP gain", moving["diffusion_map_gain"],
+                     None, ""))
+        rows.append(("Moving Fashion-MNIST, cross-video: query expansion test mAP gain",
+                     moving["query_expansion_map_gain"], None, ""))
     out = ["| | measured | goal |", "|---|---:|---:|"]
     for name, value, goal, sign in rows:
         out.append(f"| {name} | {value} | {'' if goal is None else f'{sign} {goal}'} |")
@@ -134,12 +140,12 @@ def render() -> str:
         lines += variants_table(json.loads((results / "variants.json").read_text()))
     if (results / "serve.json").exists():
         serve = json.loads((results / "serve.json").read_text())
-        diffusion = json.loads((results / "diffusion.json").read_text()) if (results / "diffusion.json").exists() \
-            else None
+        diffusion, moving = (json.loads((results / name).read_text()) if (results / name).exists() else None
+                             for name in ("diffusion.json", "diffusion_moving_fashion_mnist.json"))
         lines += ["", f"**Search service** on the Fashion-MNIST run ({serve['n']:,} frames, d = {serve['d']}), from "
                   "`benchmarks/results/serve.json` (`benchmarks/serve.py`) and `diffusion.json` "
                   f"(`benchmarks/diffusion.py`); {serve.get('machine', '')}:", ""]
-        lines += service_table(serve, diffusion)
+        lines += service_table(serve, diffusion, moving)
     return "\n".join(lines + ["", END])
 
 

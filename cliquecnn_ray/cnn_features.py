@@ -98,9 +98,9 @@ def extract_features(
     return torch.cat(out)
 
 
-def frame_features(model: nn.Module, meta: dict, images, batch_size: int = 256,
+def frame_features(model: nn.Module, images, layer: str, batch_size: int = 256,
                    device: Optional[torch.device | str] = None):
-    """A trained model's per-frame features φ (paper Sect. 2.5): ``meta["feature_layer"]``, Pearson-normalised.
+    """A trained model's per-frame features φ (paper Sect. 2.5): layer ``layer``'s output, Pearson-normalised.
 
     The impute stage, ``cliquecnn embed`` and the search service's image queries all go through here, so a
     frame gets the same φ whichever path computed it. Returns (N, d) float32 numpy.
@@ -108,6 +108,6 @@ def frame_features(model: nn.Module, meta: dict, images, batch_size: int = 256,
     from .similarity import pearson_normalise
 
     device = torch.device(device) if device is not None else next(unwrap(model).parameters()).device
-    feats = extract_features(model, images, meta["feature_layer"], batch_size=batch_size, device=device,
+    feats = extract_features(model, images, layer, batch_size=batch_size, device=device,
                              amp=device.type == "cuda")
     return pearson_normalise(feats.numpy())

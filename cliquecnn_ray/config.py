@@ -114,7 +114,6 @@ class BatchesConfig:
 class TrainConfig:
     model: str = "alexnet_small"  # AlexNet-style from scratch (paper); any torchvision classifier by name
     input_size: int = setting(64, min=8)  # network input in pixels; 64 keeps CPU training affordable
-    feature_layer: str = "fc7"  # paper Sect. 3.1 measures similarities on fc7; also fc6, pool5 or a module name
     images_per_step: int = setting(128, min=1)  # M, paper Sect. 3.1
     balance_cliques: bool = True  # M spread evenly over a batch's cliques; False: uniform over their frames
     steps: int = setting(300, min=0)  # SGD steps per round; the paper's 1e5 is a GPU budget
@@ -142,6 +141,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ImputeConfig:
+    feature_layer: str = "fc7"  # paper Sect. 3.1 measures similarities on fc7; also fc6, pool5 or a module name
     ltp_p: int = setting(3, min=0)  # temporal window ±p frames (paper Sect. 3.1); 0 for data without videos
     batch_size: int = not_hashed(256, min=1)  # images per forward pass
     num_actors: int = not_hashed(1, min=1)  # Ray Data actors holding the model; one per GPU on a cluster
@@ -276,6 +276,10 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+# Keys that have moved, and where to: named in the error a config with the old key gets.
+MOVED = {"train.feature_layer": "moved to impute.feature_layer: the layer imputed from, not part of training"}
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a (partial) nested dict; unknown keys raise ConfigError."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -283,7 +287,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in (data or {}).items():
         path = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(fields))})")
+            moved = f" ({MOVED[path]})" if path in MOVED else ""
+            raise ConfigError(f"unknown config key '{path}'{moved} (known: {', '.join(sorted(fields))})")
         hint = typing.get_type_hints(cls)[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):

@@ -14,7 +14,7 @@ from .config import PipelineConfig
 from .network import build_model, unwrap
 
 MODEL_FILE = "model.pt"  # the file a model stage commits
-MODEL_KEYS = ("name", "num_classes", "input_size", "in_channels", "feature_layer")
+MODEL_KEYS = ("name", "num_classes", "input_size", "in_channels")
 
 
 def save_model_bytes(model: nn.Module, meta: dict) -> bytes:
@@ -53,6 +53,5 @@ def model_meta(cfg: PipelineConfig, num_classes: int, clique_ids: np.ndarray) ->
         "num_classes": int(num_classes),
         "input_size": cfg.train.input_size,
         "in_channels": 1 if cfg.train.grey else 3,
-        "feature_layer": cfg.train.feature_layer,
         "clique_ids": [int(c) for c in clique_ids],
     }

@@ -71,9 +71,17 @@ def same_location(a: str, b: str) -> bool:
     return storage.resolve(a)[1].rstrip("/") == storage.resolve(b)[1].rstrip("/")
 
 
-def ltp_radius(run: str, round_index: int) -> int:
-    """The Local Temporal Pooling radius p the round's features were made with."""
-    return int((StageDir(run, round_index, "features").require().get("stats") or {}).get("ltp_p", 0))
+def feature_settings(run: str, round_index: int) -> tuple[str, int]:
+    """The layer and the Local Temporal Pooling radius p that the round's features were made with (its impute
+    record). Runs made while the layer was a training setting recorded it in the model file instead."""
+    stats = StageDir(run, round_index, "features").require().get("stats") or {}
+    layer = stats.get("feature_layer")
+    if layer is None:
+        from .model_file import MODEL_FILE, load_model_bytes
+
+        uri = model_dir(run, round_index).file(MODEL_FILE)
+        layer = load_model_bytes(storage.read_bytes(uri), source=uri)[1]["feature_layer"]
+    return str(layer), int(stats.get("ltp_p", 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,16 +166,16 @@ def check_image(data: bytes, max_bytes: int) -> None:
         raise QueryError(400, f"the upload is not an image that can be decoded (PNG, JPEG, ...): {exc}") from exc
 
 
-def query_features(model, meta: dict, images: list[bytes], ltp_p: int, device=None) -> np.ndarray:
+def query_features(model, meta: dict, images: list[bytes], layer: str, ltp_p: int, device=None) -> np.ndarray:
     """Encoded query images → (m, d) features comparable with the round's: the model's Pearson-normalised φ
-    (``network.frame_features``, as impute), then LTP with each image a video of one frame (its window is
-    φ repeated 2p + 1 times, unit-norm like every database feature)."""
+    of ``layer`` (``cnn_features.frame_features``, as impute), then LTP with each image a video of one frame
+    (its window is φ repeated 2p + 1 times, unit-norm like every database feature)."""
     from .cnn_features import frame_features
     from .hog import decode_images
     from .similarity import ltp_stack
 
     pixels = decode_images(list(images), size=meta["input_size"], grey=meta["in_channels"] == 1)
-    phi = frame_features(model, meta, pixels, device=device)
+    phi = frame_features(model, pixels, layer, device=device)
     m = len(phi)
     return ltp_stack(phi, np.arange(m), np.zeros(m, np.int64), ltp_p)
 

@@ -106,8 +106,8 @@ class IndexShard:
 class Embedder:
     """The model that made the round's features; image queries in, features out, batched."""
 
-    def __init__(self, model_uri: str, ltp_p: int, max_batch_size: int, batch_wait_s: float, gpu: bool,
-                 threads: int):
+    def __init__(self, model_uri: str, layer: str, ltp_p: int, max_batch_size: int, batch_wait_s: float,
+                 gpu: bool, threads: int):
         import torch
 
         from . import storage
@@ -117,14 +117,14 @@ class Embedder:
         self.model, self.meta = load_model_bytes(storage.read_bytes(model_uri), source=model_uri)
         self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
-        self.ltp_p = ltp_p
+        self.layer, self.ltp_p = layer, ltp_p
         self.embed.set_max_batch_size(max_batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def embed(self, images: list[bytes]) -> list[np.ndarray]:
         # In a thread, as the shards' search: the forward pass must not block the replica's event loop.
-        features = await asyncio.to_thread(search.query_features, self.model, self.meta, images, self.ltp_p,
+        features = await asyncio.to_thread(search.query_features, self.model, self.meta, images, self.layer, self.ltp_p,
                                            device=self.device)
         return list(features)
 
@@ -284,7 +284,7 @@ def build_app(cfg: PipelineConfig, run: str, round_index: int | None = None):
               for i, (lo, hi) in enumerate(bounds)]
     model_uri = absolute_uri(search.model_dir(run, round_index).file(MODEL_FILE))
     embedder = Embedder.options(ray_actor_options={**options, "num_gpus": 1 if scfg.gpu else 0}).bind(
-        model_uri, search.ltp_radius(run, round_index), scfg.max_batch_size, scfg.batch_wait_ms / 1000, scfg.gpu,
+        model_uri, *search.feature_settings(run, round_index), scfg.max_batch_size, scfg.batch_wait_ms / 1000, scfg.gpu,
         threads)
     settings = {**to_dict(scfg), "shard_ends": [hi for _, hi in bounds]}
     return SearchApi.options(ray_actor_options=options).bind(run, round_index, shards, embedder, settings,

@@ -77,20 +77,19 @@ def clustered_features(n_clusters: int = 5, per_cluster: int = 20, d: int = 16, 
     return feats.astype(np.float32), labels
 
 
-def committed_model(run: str, round_: int = 0, in_channels: int = 1, layer: str = "fc7"):
+def committed_model(run: str, round_: int = 0, in_channels: int = 1):
     """A randomly initialised network committed as round ``round_``'s model.pt (as the train stage would)."""
     import torch
 
     torch.manual_seed(0)
     net = network.build_model("alexnet_small", 6, SIZE, in_channels)
-    meta = {"name": "alexnet_small", "num_classes": 6, "input_size": SIZE, "in_channels": in_channels,
-            "feature_layer": layer}
+    meta = {"name": "alexnet_small", "num_classes": 6, "input_size": SIZE, "in_channels": in_channels}
 
     def write(attempt_uri: str) -> dict:
         storage.write_bytes(storage.join(attempt_uri, "model.pt"), model_file.save_model_bytes(net, meta))
         return {"rows": 6}
 
-    rundir.run_stage(rundir.StageDir(run, round_, "model"), {"test": layer}, {}, write, force=True)
+    rundir.run_stage(rundir.StageDir(run, round_, "model"), {"test": in_channels}, {}, write, force=True)
     return net.eval()
 
 

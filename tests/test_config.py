@@ -19,6 +19,7 @@ def test_yaml_then_overrides(tmp_path):
     [
         ("train.stepz=3", "unknown config key 'train.stepz'"),
         ("roundz=3", "unknown config key 'roundz'"),
+        ("train.feature_layer=fc6", "moved to impute.feature_layer"),
         ("rounds=three", "config key 'rounds' wants an integer"),
         ("train.lr=fast", "config key 'train.lr' wants a number"),
         ("ingest.category_from_folder=7", "wants true/false"),

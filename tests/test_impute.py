@@ -73,8 +73,9 @@ def test_impute_on_s3_with_fc6(ray_session, s3_bucket):
 
     run = f"{s3_bucket}/run"
     tiny_frames(run)
-    committed_model(run, layer="fc6")
-    record = impute.run(cfg_for(run, "impute.ltp_p=1", "impute.num_actors=1"), 0)
+    committed_model(run)
+    record = impute.run(cfg_for(run, "impute.feature_layer=fc6", "impute.ltp_p=1", "impute.num_actors=1"), 0)
+    assert record["stats"]["feature_layer"] == "fc6"  # what embed and serve read back
     ids, feats = schema.table_to_features(StageDir(run, 1, "features").read_table())
     assert record["stats"]["d"] == 3 * network.FC_DIM and feats.shape == (13, 3 * network.FC_DIM)
     assert np.isfinite(feats).all()

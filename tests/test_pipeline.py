@@ -88,6 +88,12 @@ def test_pipeline_runs_every_round_and_a_rerun_skips_every_stage(ray_session, tm
     page = storage.read_bytes(report.run(stale)["stats"]["uri"]).decode()
     assert "round 0 (HOG-LDA)" not in page and "No current evaluation" in page
     assert "round 0 (HOG-LDA)" in storage.read_bytes(report.run(cfg)["stats"]["uri"]).decode()
+    # Another imputed layer redoes impute and what follows it, never the training before it.
+    fc6 = load_config(None, TINY + [f"run={cfg.run}", f"sources=[{cfg.sources[0]}]",
+                                    f"evaluate.labels={cfg.evaluate.labels}", "impute.feature_layer=fc6"])
+    ran = {key.split("/")[-1] for key, rec in run_pipeline(fc6)["records"].items() if not rec["skipped"]}
+    assert "impute" in ran and ran.isdisjoint({"neighbours", "cliques", "batches", "train"}), ran
+    assert StageDir(cfg.run, 1, "features").record()["stats"]["feature_layer"] == "fc6"
 
 
 def test_interrupted_run_resumes_from_the_failed_stage(ray_session, tmp_path):

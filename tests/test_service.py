@@ -161,7 +161,7 @@ def test_image_search_embeds_the_upload_as_impute_does(served):
     image = np.asarray(np.random.default_rng(5).integers(0, 255, (32, 32)), np.uint8)
     answer = client.json("/api/search?k=6", body=png_bytes(image))
     model, meta = load_model_bytes(storage.read_bytes(search.model_dir(run, 1).file("model.pt")))
-    query = search.query_features(model, meta, [png_bytes(image)], ltp_p=1)[0]
+    query = search.query_features(model, meta, [png_bytes(image)], "fc7", ltp_p=1)[0]
     want_ids, want_scores = _brute_force(run, query, 6)
     ids, scores = _answer(answer["results"])
     np.testing.assert_array_equal(ids, want_ids)

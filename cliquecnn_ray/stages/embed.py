@@ -3,9 +3,9 @@
 Nothing here is new machinery: the sources go through the ingest stage and the frames through the impute
 stage, into an output directory laid out like a run (``OUT/round=0/frames``, ``OUT/round=R/features``,
 committed the same way), with the settings that fix a feature taken from the run itself: how frames were
-preprocessed (the run's ``ingest`` record: stride, frame limit, resizing, image format) and the LTP radius of
-its round R features (the run's ``impute`` record). Round R's features come from round R − 1's model, so a
-frame the run already holds gets exactly the run's feature. How the new sources are read (``column_map``,
+preprocessed (the run's ``ingest`` record: stride, frame limit, resizing, image format), and the layer and
+LTP radius of its round R features (the run's ``impute`` record). Round R's features come from round R − 1's
+model, so a frame the run already holds gets exactly the run's feature. How the new sources are read (``column_map``,
 ``category_from_folder``, ``default_category``, ``on_bad_frame``) and the resources (GPU, actors) are the
 caller's.
 """
@@ -15,7 +15,7 @@ import dataclasses
 import logging
 
 from .. import search
-from ..config import ImputeConfig, PipelineConfig
+from ..config import PipelineConfig
 from ..rundir import StageDir
 from . import impute, ingest
 
@@ -26,12 +26,12 @@ PREPROCESSING = ("frame_stride", "max_frames", "resize_to", "image_format")
 
 
 def run_preprocessing(cfg: PipelineConfig, run: str, round_index: int) -> PipelineConfig:
-    """``cfg`` with the run's frame preprocessing and round ``round_index``'s LTP radius."""
+    """``cfg`` with the run's frame preprocessing and round ``round_index``'s layer and LTP radius."""
     committed = StageDir(run, 0, "frames").require()["config"]
     ingest_cfg = dataclasses.replace(cfg.ingest, **{k: committed[k] for k in PREPROCESSING if k in committed})
-    features = StageDir(run, round_index, "features").require()
-    ltp_p = (features.get("stats") or {}).get("ltp_p", ImputeConfig().ltp_p)
-    return dataclasses.replace(cfg, ingest=ingest_cfg, impute=dataclasses.replace(cfg.impute, ltp_p=int(ltp_p)))
+    layer, ltp_p = search.feature_settings(run, round_index)
+    return dataclasses.replace(cfg, ingest=ingest_cfg,
+                               impute=dataclasses.replace(cfg.impute, feature_layer=layer, ltp_p=ltp_p))
 
 
 def run(cfg: PipelineConfig, run: str, out: str, round_index: int | None = None, force: bool = False) -> dict:

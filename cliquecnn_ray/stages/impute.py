@@ -40,7 +40,7 @@ class FeatureExtractor:
     fixed_size_list<float32>[d]).
     """
 
-    def __init__(self, model_uri: str, use_gpu: bool, threads: int, batch_size: int):
+    def __init__(self, model_uri: str, layer: str, use_gpu: bool, threads: int, batch_size: int):
         import torch
 
         from ..model_file import load_model_bytes
@@ -49,6 +49,7 @@ class FeatureExtractor:
         self.model, self.meta = load_model_bytes(storage.read_bytes(model_uri), source=model_uri)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
+        self.layer = layer
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -56,7 +57,7 @@ class FeatureExtractor:
 
         ids = batch.column(schema.FRAME_ID).to_numpy()
         images = decode_frames(batch, self.meta["input_size"], grey=self.meta["in_channels"] == 1)
-        feats = frame_features(self.model, self.meta, images, batch_size=self.batch_size, device=self.device)
+        feats = frame_features(self.model, images, self.layer, batch_size=self.batch_size, device=self.device)
         if not np.isfinite(feats).all():
             row = int(np.flatnonzero(~np.isfinite(feats).all(axis=1))[0])
             raise ValueError(f"impute: CNN feature of frame_id {ids[row]} is NaN or infinite")
@@ -76,7 +77,7 @@ def run(
     StageDir(run, round + 1, "features"). Baselines name another model / output stage or another p;
     ``cliquecnn embed`` names another run's model (``model_run``) for the frames of ``cfg.run``.
 
-    Returns run_stage's record; stats: rows, d (after LTP), frame_d (CNN feature length), ltp_p, layer,
+    Returns run_stage's record; stats: rows, d (after LTP), frame_d (CNN feature length), feature_layer, ltp_p,
     zero_features (frames whose centred CNN feature was zero), extract_seconds, files.
     """
     if ltp_p is not None:
@@ -111,6 +112,7 @@ def _compute(cfg: PipelineConfig, model_uri: str, frames_dir: StageDir, attempt_
         FeatureExtractor,
         fn_constructor_kwargs={
             "model_uri": model_uri,
+            "layer": cfg.impute.feature_layer,
             "use_gpu": use_gpu,
             "threads": max(1, int(cfg.resources.cpus_per_task)),
             "batch_size": cfg.impute.batch_size,
@@ -150,6 +152,7 @@ def _compute(cfg: PipelineConfig, model_uri: str, frames_dir: StageDir, attempt_
         "rows": int(len(ids)),
         "d": int(d),
         "frame_d": int(feats.shape[1]),
+        "feature_layer": cfg.impute.feature_layer,
         "ltp_p": p,
         "zero_features": zero,
         "extract_seconds": round(extract_seconds, 3),
