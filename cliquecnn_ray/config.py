@@ -56,6 +56,8 @@ class IngestConfig:
     category_from_folder: bool = False  # folder tree whose first level is the category
     default_category: str = "all"  # a single category unless the data say otherwise (docs/architecture.md#categories)
     uri_roots: tuple = ()  # a `uri` column may also point below these folders / s3:// prefixes (besides its source's)
+    motion_crop: bool = False  # still-camera videos: a bbox per frame around what moves (motion_crop.py)
+    motion_threshold: float = setting(0.08, above=0, max=1)  # grey-level change (0..1) that counts as motion
 
 
 @dataclass(frozen=True)

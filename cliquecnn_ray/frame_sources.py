@@ -12,6 +12,10 @@ A source (one entry of ``cfg.sources``, a local path or ``s3://`` URI) is one of
 
 Files of other types and hidden files in folders are ignored (and counted in the log).
 
+With ``ingest.motion_crop`` (still-camera videos), every frame also gets a ``bbox`` around what moves in its
+video (``motion_crop.py``); a video's frames must then all be in one unit (a video file and an image folder
+always are; a Parquet part must hold whole videos).
+
 Planning turns the sources into *units* of work (one video file, one image folder, one Parquet part), each a
 JSON-able dict, numbered in the stable order that fixes ``frame_id``: source position in ``cfg.sources``, then
 the natural order of the unit's relative path inside its source, then ``frame_index`` (Parquet: row order).
@@ -27,6 +31,7 @@ distances (Local Temporal Pooling, Eq. 9, relies on that).
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import posixpath
@@ -496,7 +501,40 @@ def check_unit_duplicates(table: pa.Table, source: str) -> None:
 
 
 def decode_unit(unit: dict, cfg: IngestConfig) -> tuple[pa.Table, list[dict]]:
-    """One unit → (table with UNIT_SCHEMA's columns, skipped frames with their source)."""
+    """One unit → (table with UNIT_SCHEMA's columns, skipped frames with their source); with
+    ``cfg.motion_crop``, each frame's bbox from its video's motion."""
+    table, skipped = _decode_unit(unit, cfg)
+    if cfg.motion_crop and table.num_rows:
+        table = with_motion_boxes(table, cfg.motion_threshold, unit.get("uri") or unit["source"])
+    return table, skipped
+
+
+def with_motion_boxes(table: pa.Table, threshold: float, where: str) -> pa.Table:
+    """``table`` with a bbox column: each video's frames (all in this table) → ``motion_crop.motion_boxes``."""
+    from .motion_crop import motion_boxes
+
+    if schema.BBOX in table.column_names:
+        raise IngestError(f"{where}: ingest.motion_crop would replace the frames' own '{schema.BBOX}' column; "
+                          "set ingest.motion_crop=false to keep it")
+    if schema.IMAGE not in table.column_names:
+        raise IngestError(f"{where}: ingest.motion_crop needs the frames' pixels in an '{schema.IMAGE}' column")
+    videos = table.column(schema.VIDEO_ID).to_numpy(zero_copy_only=False)
+    order = np.lexsort((table.column(schema.FRAME_INDEX).to_numpy(), videos))
+    images = table.column(schema.IMAGE).to_pylist()
+    boxes = np.zeros((table.num_rows, 4), np.float32)
+    starts = np.r_[0, np.flatnonzero(videos[order][1:] != videos[order][:-1]) + 1, len(order)]
+    for lo, hi in itertools.pairwise(starts):
+        rows = order[lo:hi]
+        frames = [np.asarray(Image.open(io.BytesIO(images[r])).convert("L")) for r in rows]
+        if len({f.shape for f in frames}) > 1:
+            raise IngestError(f"{where}: video {videos[rows[0]]!r} has frames of different sizes "
+                              f"({sorted({f.shape[::-1] for f in frames})}); ingest.motion_crop needs one size")
+        boxes[rows] = motion_boxes(np.stack(frames), threshold)
+    bbox = pa.FixedSizeListArray.from_arrays(pa.array(boxes.reshape(-1), pa.float32()), 4)
+    return table.append_column(UNIT_SCHEMA.field(schema.BBOX), bbox.cast(UNIT_SCHEMA.field(schema.BBOX).type))
+
+
+def _decode_unit(unit: dict, cfg: IngestConfig) -> tuple[pa.Table, list[dict]]:
     kind = unit["kind"]
     if kind == "parquet":
         table = map_columns(storage.read_parquet(unit["uri"]), cfg.column_map, cfg.default_category, unit["uri"])
