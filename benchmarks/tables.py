@@ -77,15 +77,21 @@ def summary(result: dict) -> str:
 
 
 def variants_table(result: dict) -> list[str]:
-    """The method's variants on the validation clips: AUC of each round, the selected one marked."""
+    """The method's variants on the validation clips: AUC of each round, the selected one marked, and what
+    round 0's cliques gather (cross-clip pairs sharing a photograph / a class, as multiples of chance)."""
     measured = result["variants"]
     rounds = max(len(m["per_round_validation"]) for m in measured.values())
-    out = ["| variant | overrides | " + " | ".join(f"round {r}" for r in range(rounds)) + " |",
-           "|---|---|" + "---:|" * rounds]
+    out = ["| variant | overrides | " + " | ".join(f"round {r}" for r in range(rounds))
+           + " | round-0 cliques: photograph × chance | class × chance |",
+           "|---|---|" + "---:|" * (rounds + 2)]
     for name, m in measured.items():
         mark = " (selected)" if name == result.get("selected") else ""
         cells = " | ".join(_cell(r["auc"]) for r in m["per_round_validation"])
-        out.append(f"| {name}{mark} | {' '.join(m['overrides']) or '(the config)'} | {cells} |")
+        purity = (m.get("clique_purity") or [{}])[0]
+        ratios = [f"{purity[k] / purity[k + '_chance']:.1f}" if purity.get("pairs") else "–"
+                  for k in ("same_photograph", "same_class")]
+        out.append(f"| {name}{mark} | {' '.join(m['overrides']) or '(the config)'} | {cells} | "
+                   + " | ".join(ratios) + " |")
     return out
 
 
