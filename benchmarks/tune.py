@@ -26,7 +26,7 @@ from cliquecnn_ray import datasets, hog, metrics  # noqa: E402
 from cliquecnn_ray.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tune.json"
-LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # × tr(cov)/D: whitening … plain HOG
+LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)  # × tr(cov)/D: whitening … plain HOG
 
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -37,17 +37,40 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
 
 
+def motion_cropped(frames: np.ndarray, per_clip: int, threshold: float, size: int) -> np.ndarray:
+    """(N, H, W) grey frames, clip after clip → each cropped to its clip's motion box and resized, as
+    ``ingest.motion_crop`` and the features stage do (the same boxes, the same decoder)."""
+    import io
+
+    from PIL import Image
+
+    from cliquecnn_ray.motion_crop import motion_boxes
+
+    boxes = np.concatenate([motion_boxes(frames[i:i + per_clip], threshold) for i in range(0, len(frames), per_clip)])
+    encoded = []
+    for frame in frames:
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    return hog.decode_images(encoded, bboxes=boxes, size=size)
+
+
 def validation_data(name: str, cfg) -> dict:
-    """Every frame (unlabelled) and the validation rows, their labels and (videos) clips."""
+    """Every frame (unlabelled, as the features stage sees it) and the validation rows, their labels and
+    (videos) clips."""
+    size = cfg.features.image_size
     if name == "fashion_mnist":
         train, train_labels = datasets.load_fashion_mnist("train")
         test, _ = datasets.load_fashion_mnist("test")  # images only: the test labels are never read here
         rows = datasets.fashion_mnist_validation_ids(seed=cfg.seed)
-        return {"images": np.concatenate([train, test]), "rows": rows, "labels": train_labels[rows], "videos": None}
+        return {"images": resize(np.concatenate([train, test]), size), "rows": rows, "labels": train_labels[rows],
+                "videos": None}
     clips = datasets.moving_fashion_mnist_clips(cfg.dataset.train_clips, cfg.dataset.test_clips, cfg.seed)
-    rows = datasets.moving_fashion_mnist_validation_rows(cfg.dataset.train_clips, clips["frames_per_clip"], cfg.seed)
-    return {"images": clips["frames"], "rows": rows, "labels": clips["classes"][rows],
-            "videos": clips["video_ids"][rows]}
+    per_clip = clips["frames_per_clip"]
+    rows = datasets.moving_fashion_mnist_validation_rows(cfg.dataset.train_clips, per_clip, cfg.seed)
+    images = (motion_cropped(clips["frames"], per_clip, cfg.ingest.motion_threshold, size)
+              if cfg.ingest.motion_crop else resize(clips["frames"], size))
+    return {"images": images, "rows": rows, "labels": clips["classes"][rows], "videos": clips["video_ids"][rows]}
 
 
 def _figures(feats: np.ndarray, data: dict, knn_k: int) -> dict:
@@ -60,7 +83,7 @@ def tune(name: str) -> dict:
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     fcfg = cfg.features
     data = validation_data(name, cfg)
-    images = resize(data["images"], fcfg.image_size)
+    images = data["images"]
     hog_args = dict(orientations=fcfg.hog_orientations, cell=fcfg.hog_cell, block=fcfg.hog_block)
     descriptors = hog.describe(images, "hog", **hog_args)
     stats = hog.whitening_stats(descriptors)  # over every frame, as the features stage: no label involved
@@ -81,6 +104,7 @@ def tune(name: str) -> dict:
         "selected_on": "validation",
         "validation_queries": int(len(data["rows"])),
         "cross_video": data["videos"] is not None,
+        "motion_crop": cfg.ingest.motion_crop,
         "setting": "features.lda_lambda (relative to tr(cov)/D)",
         "candidates": candidates,
         "selected": {"lda_lambda": best["lda_lambda"]},
