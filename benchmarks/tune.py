@@ -26,7 +26,8 @@ from cliquecnn_ray import datasets, hog, metrics  # noqa: E402
 from cliquecnn_ray.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tune.json"
-LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)  # × tr(cov)/D: whitening … plain HOG
+# × tr(cov)/D, from near full whitening to near plain centred HOG
+LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
 
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
