@@ -49,7 +49,7 @@ def summary(result: dict) -> str:
         parts.append(f"vs the best hand-made similarity {1 - (1 - result['auc_final']) / (1 - best):.3f} (computed "
                      f"here from the stored AUCs: this JSON predates `error_reduction_vs_best_handcrafted` and "
                      f"`selected_on`)")
-    for key in ("ltp_gain_auc", "cccp_gain_auc", "rounds_monotone", "selected_on"):
+    for key in ("ltp_gain_auc", "cccp_gain_auc", "rounds_monotone", "beats_every_baseline", "selected_on"):
         if key in result:
             parts.append(f"`{key}` {result[key]}")
     if "layer_selection" in result:
@@ -141,9 +141,11 @@ def render() -> str:
         lines += ["", f"**{title}**, from `benchmarks/results/{name}.json` (`benchmarks/{name}.py`):", ""]
         lines += table(result) + ["", summary(result)]
     if (results / "variants.json").exists():
-        lines += ["", "**Moving Fashion-MNIST: the method's settings on the validation clips** (AUC, cross-video), "
-                  "from `benchmarks/results/variants.json` (`benchmarks/variants.py`):", ""]
-        lines += variants_table(json.loads((results / "variants.json").read_text()))
+        variants = json.loads((results / "variants.json").read_text())
+        base = f", each over {' '.join(variants['base'])}" if variants.get("base") else ""
+        lines += ["", "**Moving Fashion-MNIST: the method's settings on the validation clips** (AUC, cross-video"
+                  f"{base}), from `benchmarks/results/variants.json` (`benchmarks/variants.py`):", ""]
+        lines += variants_table(variants)
     if (results / "serve.json").exists():
         serve = json.loads((results / "serve.json").read_text())
         diffusion, moving = (json.loads((results / name).read_text()) if (results / name).exists() else None
