@@ -183,7 +183,7 @@ def main() -> None:
     args = parser.parse_args()
     raysetup.setup_logging()
     config = ROOT / "configs" / f"{args.config}.yaml"
-    run = args.run or str(ROOT / "runs" / args.config)
+    run = args.run or f"runs/{args.config}"  # relative to the repository, as the benchmarks record their runs
     result = measure_diffusion_gain(run, config, round_index=args.round_index,
                                     validation_queries=args.validation_queries, test_queries=args.test_queries)
     val = result["validation"]
