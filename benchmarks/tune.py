@@ -41,19 +41,11 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
 def motion_cropped(frames: np.ndarray, per_clip: int, threshold: float, size: int) -> np.ndarray:
     """(N, H, W) grey frames, clip after clip → each cropped to its clip's motion box and resized, as
     ``ingest.motion_crop`` and the features stage do (the same boxes, the same decoder)."""
-    import io
-
-    from PIL import Image
-
+    from cliquecnn_ray.figures import png_bytes
     from cliquecnn_ray.motion_crop import motion_boxes
 
     boxes = np.concatenate([motion_boxes(frames[i:i + per_clip], threshold) for i in range(0, len(frames), per_clip)])
-    encoded = []
-    for frame in frames:
-        buf = io.BytesIO()
-        Image.fromarray(frame).save(buf, format="PNG")
-        encoded.append(buf.getvalue())
-    return hog.decode_images(encoded, bboxes=boxes, size=size)
+    return hog.decode_images([png_bytes(frame) for frame in frames], bboxes=boxes, size=size)
 
 
 def validation_data(name: str, cfg) -> dict:
