@@ -44,6 +44,10 @@ VARIANTS = {
     # The same, imputing pool5: on round 0's model it has the best validation kNN and mAP of the layers
     # (fc7 the best AUC), and next round's cliques are built from nearest neighbours.
     "motion_crop_pool5": ["train.steps=1500", "ingest.motion_crop=true", "impute.feature_layer=pool5"],
+    # Four times the cliques: 200 cliques of 8 are 1,600 frames, which 1,500 steps of 64 images see some 60
+    # times over; does a wider training set carry the later rounds past round 1?
+    "more_cliques": ["train.steps=1500", "ingest.motion_crop=true", "impute.feature_layer=pool5",
+                     "cliques.num_cliques=800"],
 }
 
 
