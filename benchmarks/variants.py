@@ -48,6 +48,10 @@ VARIANTS = {
     # times over; does a wider training set carry the later rounds past round 1?
     "more_cliques": ["train.steps=1500", "ingest.motion_crop=true", "impute.feature_layer=pool5",
                      "cliques.num_cliques=800"],
+    # The same with λ as tune.py selects it on the widened grid, i.e. the config as it stands: the choices
+    # were made one after another, so do they compose?
+    "more_cliques_tuned_lambda": ["train.steps=1500", "ingest.motion_crop=true", "impute.feature_layer=pool5",
+                                  "cliques.num_cliques=800", "features.lda_lambda=10000.0"],
 }
 
 
