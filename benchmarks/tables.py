@@ -25,10 +25,6 @@ def _cell(value) -> str:
 def table(result: dict) -> list[str]:
     """Markdown rows: each round, the hand-made references, the baselines, the ablations; AUC / kNN / mAP."""
     rows = [(f"round {i}" + (" (HOG-LDA)" if i == 0 else ""), m) for i, m in enumerate(result["per_round"])]
-    selected = result.get("selected_variant")
-    if selected:  # the setting validation chose, measured after the rows below it (their budget differs)
-        rows += [(f"round {i}, {' '.join(selected['overrides'])} (chosen on validation)", m)
-                 for i, m in enumerate(selected["per_round"]) if i > 0]
     rows += [(f"reference: {k}", m) for k, m in result.get("round0_references", {}).items() if k != "hog_lda"]
     rows += [(f"baseline: {k}", m) for k, m in result.get("baselines", {}).items()]
     rows += [(f"ablation: {k}", m) for k, m in result.get("ablations", {}).items()]
@@ -38,17 +34,10 @@ def table(result: dict) -> list[str]:
 
 
 def summary(result: dict) -> str:
-    selected = result.get("selected_variant")
     parts = [f"error reduction vs HOG-LDA (`error_reduction`) {result['error_reduction']:.3f}"]
     if "error_reduction_vs_best_handcrafted" in result:
         parts.append(f"vs the best hand-made similarity (`error_reduction_vs_best_handcrafted`) "
                      f"{result['error_reduction_vs_best_handcrafted']:.3f}")
-    elif "round0_references" in result:  # a JSON written before the key existed: the same formula, said so
-        refs = {**result["round0_references"], "hog_lda": result["per_round"][0]}
-        best = max(m["auc"] for m in refs.values())
-        parts.append(f"vs the best hand-made similarity {1 - (1 - result['auc_final']) / (1 - best):.3f} (computed "
-                     f"here from the stored AUCs: this JSON predates `error_reduction_vs_best_handcrafted` and "
-                     f"`selected_on`)")
     for key in ("ltp_gain_auc", "cccp_gain_auc", "rounds_monotone", "beats_every_baseline", "selected_on"):
         if key in result:
             parts.append(f"`{key}` {result[key]}")
@@ -59,12 +48,6 @@ def summary(result: dict) -> str:
         parts.append(f"{result['n_train_clips']} + {result['n_test_clips']} clips")
     if result.get("complete") is False:
         parts.append("**run cut short**: only the method's own rounds finished (no baselines or ablations)")
-    if selected:
-        parts.append(f"the rows without a setting ran at {result.get('steps_per_round')} steps per round; "
-                     f"the setting chosen on validation ({' '.join(selected['overrides'])}) removes "
-                     f"{selected['error_reduction_vs_best_handcrafted']:.3f} of the best hand-made error, its "
-                     f"method run took {selected['method_s'] / 60:.1f} min; not measured at its budget: "
-                     "the baselines and ablations")
     purity = result.get("clique_purity")
     if purity:
         parts.append("cliques' cross-clip pairs share a photograph " + ", ".join(

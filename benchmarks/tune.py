@@ -7,7 +7,8 @@ them unlabelled input, as the features stage sees them), the whitening statistic
 candidate (Σ = cov + λ·tr(cov)/D·I) the validation split's mean per-query AUC, 5-NN accuracy and mAP. The
 validation labels come from training images only (``datasets.fashion_mnist_validation_ids``,
 ``datasets.moving_fashion_mnist_validation_clips``; Moving Fashion-MNIST cross-video); no test label is
-read. The λ of best validation AUC is ``selected``; the configs set it. Raw pixels and plain HOG are measured
+read. The λ of best validation AUC is ``selected``; the configs set it unless a later validation sweep of the
+method's final round chose otherwise (benchmarks/variants.py). Raw pixels and plain HOG are measured
 on the same validation queries as references. Writes benchmarks/results/tune.json (one entry per data set).
 """
 from __future__ import annotations

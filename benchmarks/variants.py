@@ -31,6 +31,7 @@ CONFIG = ROOT / "configs" / "moving_fashion_mnist.yaml"
 # Every variant was measured over these settings, the config's when the sweep ran; pinned so that the sweep
 # reruns as it was whatever the config now carries (λ was re-selected after it, on a wider grid: tune.py).
 BASE = ["features.lda_lambda=30.0", "ingest.motion_crop=false", "impute.feature_layer=fc7"]
+MOTION_CROP_POOL5 = ["train.steps=1500", "ingest.motion_crop=true", "impute.feature_layer=pool5"]
 VARIANTS = {
     # The config's budget before this sweep: 500 steps per round.
     "steps_500": ["train.steps=500"],
@@ -43,15 +44,13 @@ VARIANTS = {
     "motion_crop": ["train.steps=1500", "ingest.motion_crop=true"],
     # The same, imputing pool5: on round 0's model it has the best validation kNN and mAP of the layers
     # (fc7 the best AUC), and next round's cliques are built from nearest neighbours.
-    "motion_crop_pool5": ["train.steps=1500", "ingest.motion_crop=true", "impute.feature_layer=pool5"],
+    "motion_crop_pool5": MOTION_CROP_POOL5,
     # Four times the cliques: 200 cliques of 8 are 1,600 frames, which 1,500 steps of 64 images see some 60
     # times over; does a wider training set carry the later rounds past round 1?
-    "more_cliques": ["train.steps=1500", "ingest.motion_crop=true", "impute.feature_layer=pool5",
-                     "cliques.num_cliques=800"],
-    # The same with λ as tune.py selects it on the widened grid, i.e. the config as it stands: the choices
-    # were made one after another, so do they compose?
-    "more_cliques_tuned_lambda": ["train.steps=1500", "ingest.motion_crop=true", "impute.feature_layer=pool5",
-                                  "cliques.num_cliques=800", "features.lda_lambda=10000.0"],
+    "more_cliques": [*MOTION_CROP_POOL5, "cliques.num_cliques=800"],
+    # The same with λ as tune.py selects it on the widened grid (the config's λ when this was measured): the
+    # choices were made one after another, so do they compose?
+    "more_cliques_tuned_lambda": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "features.lda_lambda=10000.0"],
 }
 
 
