@@ -33,6 +33,15 @@ def best_handcrafted_auc(references: dict) -> float:
     return max(references[k]["auc"] for k in ("raw", "hog", "hog_lda"))
 
 
+def strongest_simple_alternative(final: dict, alternatives: dict) -> dict:
+    """Of the alternatives that learn nothing (name → picked figures), the one of best AUC, and whether the
+    method's final figures beat it on each of AUC, kNN and mAP; with the share of its AUC error removed."""
+    name = max(alternatives, key=lambda k: alternatives[k]["auc"])
+    best = alternatives[name]
+    return {"name": name, **best, "beaten": {k: final[k] > best[k] for k in KEYS},
+            "error_reduction": error_reduction(final["auc"], best["auc"])}
+
+
 def batch_stats(cfg: PipelineConfig) -> list[dict]:
     """Each round's batch-quality figures as the batches stage logged them (its stats.json, per category),
     scalars only."""

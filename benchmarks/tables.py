@@ -41,6 +41,11 @@ def summary(result: dict) -> str:
     for key in ("ltp_gain_auc", "cccp_gain_auc", "rounds_monotone", "beats_every_baseline", "selected_on"):
         if key in result:
             parts.append(f"`{key}` {result[key]}")
+    strongest = result.get("strongest_simple_alternative")
+    if strongest:
+        beaten = ", ".join(k for k, won in strongest["beaten"].items() if won) or "none"
+        parts.append(f"strongest simple alternative (`strongest_simple_alternative`) {strongest['name']}: the final "
+                     f"round beats it on {beaten}, error reduction {strongest['error_reduction']:.3f}")
     if "layer_selection" in result:
         chosen = result["layer_selection"]["selected"]["feature_layer"]
         parts.append(f"feature layer {chosen}, chosen on validation (`layer_selection`)")
