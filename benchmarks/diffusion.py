@@ -48,6 +48,9 @@ QE_SIZES = (1, 2, 5, 10, 20, 50)  # average query expansion's n: the simple alte
 VALIDATION_QUERIES = 1000  # of the 5,000 (against all 5,000): the candidates' solves fit a shared machine
 TEST_QUERIES = 2000  # of the 10,000 test images (against all 10,000), with and without on the same queries
 KEYS = ("auc", "knn", "map")
+# how each built-in data set's validation labels are drawn (training images only)
+VALIDATION_SPLITS = {"fashion_mnist": "datasets.fashion_mnist_validation_ids",
+                     "moving_fashion_mnist": "datasets.moving_fashion_mnist_validation_clips"}
 
 
 def last_round(run: str) -> int:
@@ -124,7 +127,8 @@ def measure_diffusion_gain(run_uri: str, config: str | Path = CONFIG, alphas=ALP
     for average query expansion (n chosen the same way), on ``round_index``'s features (default: the last
     round's). Returns the results dict."""
     started = time.time()
-    cfg = resolve_builtin_data(load_config(config, [f"run={run_uri}"]))
+    declared = load_config(config, [f"run={run_uri}"])
+    cfg = resolve_builtin_data(declared)
     round_index = last_round(cfg.run) if round_index is None else round_index
     neighbours.run(cfg, round_index)  # the ordinary stage; committed already → skipped
     graph_ks = tuple(k for k in graph_ks if k <= cfg.neighbours.k)
@@ -158,7 +162,8 @@ def measure_diffusion_gain(run_uri: str, config: str | Path = CONFIG, alphas=ALP
         "selected": {"k": best["k"], "alpha": best["alpha"], "query_expansion_n": best_qe["n"]},
         "selected_on": "validation",
         "validation": {"frames": len(val_rows), "queries": validation_queries,
-                       "split": "datasets.fashion_mnist_validation_ids (seed 0)", **val},
+                       "split": f"{VALIDATION_SPLITS.get(declared.sources[0], 'evaluate.labels')} (seed {cfg.seed})",
+                       **val},
         "test_queries": test_queries,
         "test_database": len(test_rows),
         "cross_video": videos is not None,
