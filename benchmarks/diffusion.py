@@ -162,7 +162,8 @@ def measure_diffusion_gain(run_uri: str, config: str | Path = CONFIG, alphas=ALP
         "selected": {"k": best["k"], "alpha": best["alpha"], "query_expansion_n": best_qe["n"]},
         "selected_on": "validation",
         "validation": {"frames": len(val_rows), "queries": validation_queries,
-                       "split": f"{VALIDATION_SPLITS.get(declared.sources[0], 'evaluate.labels')} (seed {cfg.seed})",
+                       "split": f"{VALIDATION_SPLITS[declared.sources[0]]} (seed {cfg.seed})"
+                       if declared.sources[0] in VALIDATION_SPLITS else evidence.validation_config(cfg).evaluate.labels,
                        **val},
         "test_queries": test_queries,
         "test_database": len(test_rows),
