@@ -132,7 +132,8 @@ def closed_loop(port: int, requests: list[tuple[str, str, bytes | None]], concur
 
 def in_process_search_ms(features: np.ndarray, queries: np.ndarray, threads: int) -> float:
     """p50 of one exact top-(K+1) search per query over all features, in this process, on ``threads``
-    BLAS threads (those of the one-shard service's replica)."""
+    BLAS threads (those of the one-shard service's replica). Unlike the replica's, they spin between queries
+    as BLAS does by default, which only makes this reference faster."""
     from threadpoolctl import threadpool_limits
 
     index = build_index(features, "exact")

@@ -39,8 +39,11 @@ MAX_ONGOING = SEARCH_BATCH * SEARCH_BATCHES  # requests a replica takes at once 
 # queue them before they could be batched)
 # Every replica runs Serve's throughput-optimised request path (user code and router on the replica's own
 # event loop, gRPC between replicas), which spends less CPU per call. Direct ingress stays off, so HTTP
-# reaches the service only through the proxy on serve.host:serve.port.
-REPLICA_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# reaches the service only through the proxy on serve.host:serve.port. Idle BLAS and OpenMP threads sleep
+# at once instead of spinning for the next call: a search or forward pass takes milliseconds, and between
+# two of them the spinning threads would take the cores the proxy and the other replicas need.
+REPLICA_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+               "OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
 
 api = FastAPI(title="cliquecnn search", docs_url=None, redoc_url=None)
 
