@@ -11,7 +11,9 @@ just before it (on a shared machine the load changes from minute to minute) on a
 shard's replica has (``serve.threads``: the machine's cores divided among the shards). The approximate indexes'
 recall@10 is measured against exact search on 1,000 frames' queries. Every setting also records the CPU each
 role (proxy, each deployment, the load generator, the rest) spent per answered request: on a small machine
-their sum, not any one hop, is what bounds throughput and so latency under load.
+their sum, not any one hop, is what bounds throughput and so latency under load. The one-shard service is
+measured once more with its replicas' idle BLAS and OpenMP threads left to spin between calls, their default
+(``idle_threads``: what letting them sleep, as the service does, saves).
 ``diffusion_map_gain`` comes from benchmarks/diffusion.py's ``measure_diffusion_gain`` (its stages are
 committed in the run, so this reads them back unless they were never run).
 
@@ -167,6 +169,35 @@ def frame_images(run: str, frame_ids: np.ndarray) -> list[bytes]:
     return table.column(schema.IMAGE).to_pylist()
 
 
+def idle_threads_figures(frame: dict, image: dict, frame8: dict, image8: dict) -> dict:
+    """The figures that tell sleeping from spinning idle threads apart, from one service's c=1 and c=8 runs."""
+    return {"frame_c1_p50_ms": frame["p50_ms"], "frame_c1_cpu_ms": round(sum(frame["cpu_ms_per_request"].values()), 2),
+            "image_c1_p50_ms": image["p50_ms"], "image_c1_cpu_ms": round(sum(image["cpu_ms_per_request"].values()), 2),
+            "frame_c8_qps": frame8["qps"], "frame_c8_p99_ms": frame8["p99_ms"],
+            "image_c8_qps": image8["qps"], "image_c8_p99_ms": image8["p99_ms"]}
+
+
+def spinning_threads(run: str, round_index: int, port: int, threads: int, frame_requests: list,
+                     image_requests: list) -> dict:
+    """The one-shard exact service again, its replicas' BLAS and OpenMP threads left to spin between calls
+    (their default; the service lets them sleep, ``service.IDLE_THREADS_ENV``), at concurrency 1 and 8."""
+    from ray import serve
+
+    from cliquecnn_ray import service
+
+    sleeping, service.IDLE_THREADS_ENV = service.IDLE_THREADS_ENV, {}
+    try:
+        cfg = load_config(None, [f"run={run}", "serve.shards=1", "serve.index=exact", f"serve.port={port}",
+                                 "serve.cpus_per_replica=0", f"serve.threads={threads}"])
+        service.start(cfg, run, round_index)
+        closed_loop(port, frame_requests[:40] + image_requests[:20], 4)  # the same warm-up as every setting
+        runs = [closed_loop(port, requests, c) for c in (1, 8) for requests in (frame_requests, image_requests)]
+        serve.delete(service.APP_NAME)
+    finally:
+        service.IDLE_THREADS_ENV = sleeping
+    return idle_threads_figures(*runs)
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if a not in ("--no-diffusion", "--hnsw")]
     diffusion_from = None
@@ -218,6 +249,7 @@ def main() -> None:
                   f"{frame['p50_ms']:>7.2f} p99 {frame['p99_ms']:>7.2f} ms | image {image['qps']:>6.1f} qps p50 "
                   f"{image['p50_ms']:>7.2f} p99 {image['p99_ms']:>7.2f} ms", flush=True)
         serve.delete(service.APP_NAME)
+    spin = spinning_threads(run, round_index, port, cores, frame_requests, image_requests)
     del features
     serve.shutdown()
 
@@ -265,6 +297,13 @@ def main() -> None:
                                "about": ("at the headline setting: CPU milliseconds each role spent per answered "
                                          "request; their sum bounds the queries per second the machine's cores "
                                          "can answer")},
+        "idle_threads": {
+            "sleep": idle_threads_figures(at(1, 1)["frame"], at(1, 1)["image"], at(1, 8)["frame"], at(1, 8)["image"]),
+            "spin": spin,
+            "about": ("1 shard, exact search, cores BLAS threads per replica: the replicas' idle BLAS and OpenMP "
+                      "threads sleep (the service's setting) or spin (their default); *_cpu_ms: CPU per "
+                      "answered request summed over every role"),
+        },
         "in_process_exact_search_p50_ms": round(reference_ms, 3),
         "serve_frame_p50_ms_c1_1shard": at(1, 1)["frame"]["p50_ms"],
         "ann": ann,
@@ -290,6 +329,12 @@ def main() -> None:
         spent = results["cpu_ms_per_request"][kind]
         print(f"c=8, 2 shards, {kind} queries: CPU ms per request {sum(spent.values()):.1f} = "
               + ", ".join(f"{role} {v:.1f}" for role, v in spent.items()))
+    sleep, spin = results["idle_threads"]["sleep"], results["idle_threads"]["spin"]
+    print(f"1 shard, idle threads sleep vs spin: frame c=1 p50 {sleep['frame_c1_p50_ms']} vs {spin['frame_c1_p50_ms']} "
+          f"ms, CPU {sleep['frame_c1_cpu_ms']} vs {spin['frame_c1_cpu_ms']} ms per request "
+          f"(spin / sleep {spin['frame_c1_cpu_ms'] / sleep['frame_c1_cpu_ms']:.2f}); c=8 frame p99 "
+          f"{sleep['frame_c8_p99_ms']} vs {spin['frame_c8_p99_ms']} ms, image p99 {sleep['image_c8_p99_ms']} vs "
+          f"{spin['image_c8_p99_ms']} ms")
     recalls = ", ".join(f"{kind} {a['recall_at_10']:.3f}" for kind, a in ann.items())
     print(f"ANN recall@10: {recalls} (goal ≥ 0.95)")
     print(f"c=8, 2 shards: frame p99 {results['frame_p99_ms']} ms (goal ≤ 100), image p99 {results['image_p99_ms']} "

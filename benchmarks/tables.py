@@ -104,6 +104,11 @@ def service_table(serve: dict, diffusion: dict | None, moving: dict | None = Non
                     ("CPU per frame-id query at concurrency 8, all processes (ms): "
                      + ", ".join(f"{role} {v}" for role, v in spent.items()), round(sum(spent.values()), 1),
                      None, ""))
+    if "idle_threads" in serve:  # the replicas' idle BLAS / OpenMP threads: sleeping (the service) or spinning
+        sleep, spin = serve["idle_threads"]["sleep"], serve["idle_threads"]["spin"]
+        rows.insert(rows.index(next(r for r in rows if r[0].startswith("Serve overhead"))) + 1,
+                    ("1 shard, CPU per frame-id query at concurrency 1, all processes (ms): idle threads sleep "
+                     f"(spin: {spin['frame_c1_cpu_ms']})", sleep["frame_c1_cpu_ms"], None, ""))
     if diffusion is not None:
         rows.append(("diffusion re-ranking: test mAP gain", diffusion["diffusion_map_gain"], None, ""))
         rows.append(("average query expansion: test mAP gain", diffusion["query_expansion_map_gain"], None, ""))

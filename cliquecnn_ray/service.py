@@ -39,11 +39,12 @@ MAX_ONGOING = SEARCH_BATCH * SEARCH_BATCHES  # requests a replica takes at once 
 # queue them before they could be batched)
 # Every replica runs Serve's throughput-optimised request path (user code and router on the replica's own
 # event loop, gRPC between replicas), which spends less CPU per call. Direct ingress stays off, so HTTP
-# reaches the service only through the proxy on serve.host:serve.port. Idle BLAS and OpenMP threads sleep
-# at once instead of spinning for the next call: a search or forward pass takes milliseconds, and between
-# two of them the spinning threads would take the cores the proxy and the other replicas need.
-REPLICA_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-               "OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
+# reaches the service only through the proxy on serve.host:serve.port.
+SERVE_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# Idle BLAS and OpenMP threads sleep at once instead of spinning for the next call: a search or forward pass
+# takes milliseconds, and between two of them spinning threads would take the cores the proxy and the other
+# replicas need (benchmarks/serve.py measures both: ``idle_threads``).
+IDLE_THREADS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
 
 api = FastAPI(title="cliquecnn search", docs_url=None, redoc_url=None)
 
@@ -281,7 +282,7 @@ def build_app(cfg: PipelineConfig, run: str, round_index: int | None = None):
         raise ConfigError(f"config key 'serve.index': {scfg.index!r} is not one of exact, ivf, hnsw")
     bounds = search.shard_bounds(search.feature_count(run, round_index), scfg.shards)
     threads = scfg.threads or max(1, int(scfg.cpus_per_replica))
-    options = {"num_cpus": scfg.cpus_per_replica, "runtime_env": {"env_vars": REPLICA_ENV}}
+    options = {"num_cpus": scfg.cpus_per_replica, "runtime_env": {"env_vars": {**SERVE_PATH_ENV, **IDLE_THREADS_ENV}}}
     shards = [IndexShard.options(name=f"IndexShard{i}", ray_actor_options=options).bind(run, round_index, lo, hi,
                                                                                         scfg.index, threads)
               for i, (lo, hi) in enumerate(bounds)]
