@@ -186,7 +186,7 @@ class ServeConfig:
     batch_wait_ms: float = not_hashed(5.0)  # how long a batch waits to fill: latency traded for throughput
     max_upload_mb: float = not_hashed(10.0)  # larger uploads are refused (413)
     thumbnail_size: int = not_hashed(96)  # thumbnail side in pixels
-    cpus_per_replica: float = not_hashed(1.0)  # CPUs each index / embedding replica reserves
+    cpus_per_replica: float = not_hashed(1.0)  # CPUs each replica reserves (cut to fit this machine without --address)
     threads: int = not_hashed(0, min=0)  # BLAS / torch threads per replica; 0: one per reserved CPU (≥ 1), as Ray does
     gpu: bool = not_hashed(False)  # embed image queries on a GPU
 

@@ -15,16 +15,20 @@ HTTP API (JSON): ``GET /api/info``, ``GET /api/frames?count=&offset=`` (frames s
 """
 # No `from __future__ import annotations`: FastAPI reads the route parameters' annotations at run time.
 import asyncio
+import dataclasses
 import importlib.resources
 import logging
+import math
+import os
 
 import numpy as np
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from . import raysetup, search
-from .config import ConfigError, PipelineConfig, to_dict
+from .config import ConfigError, PipelineConfig, ServeConfig, to_dict
 from .search import QueryError
 from .storage import absolute_uri
 
@@ -295,10 +299,30 @@ def build_app(cfg: PipelineConfig, run: str, round_index: int | None = None):
                                                              to_dict(cfg.evaluate.diffusion))
 
 
+def fit_to_cpus(scfg: ServeConfig, cpus: float) -> ServeConfig:
+    """``scfg`` with every replica's CPU reservation cut to an equal share of ``cpus`` when the replicas (the
+    shards, the embedder and the ingress) would together reserve more. On one machine Serve would otherwise
+    wait for ever for a node with a free CPU: by default one shard's service reserves 3, and a laptop may
+    have 2."""
+    replicas = scfg.shards + 2
+    if replicas * scfg.cpus_per_replica <= cpus:
+        return scfg
+    return dataclasses.replace(scfg, cpus_per_replica=math.floor(cpus / replicas * 100) / 100)
+
+
 def start(cfg: PipelineConfig, run: str, round_index: int | None = None, address: str | None = None) -> str:
     """Deploy the service (on ``address``'s cluster, else the embedded local Ray); returns its URL."""
-    app = build_app(cfg, run, round_index)  # checks the run before anything starts
+    build_app(cfg, run, round_index)  # refuses a run it cannot serve before Ray starts
     raysetup.init_ray(address=address)
+    if not (address or os.environ.get("RAY_ADDRESS")):  # this machine's Ray: every replica must fit on it
+        cpus = ray.cluster_resources().get("CPU", 0.0)
+        fitted = fit_to_cpus(cfg.serve, cpus)
+        if fitted != cfg.serve:
+            log.info("serve: %d replicas at serve.cpus_per_replica = %g would reserve more than this machine's "
+                     "%g CPUs; each reserves %g", cfg.serve.shards + 2, cfg.serve.cpus_per_replica, cpus,
+                     fitted.cpus_per_replica)
+            cfg = dataclasses.replace(cfg, serve=fitted)
+    app = build_app(cfg, run, round_index)
     quiet = {"log_level": "WARNING"}  # Serve logs every request at INFO
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=quiet)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)

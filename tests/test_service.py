@@ -138,6 +138,38 @@ def test_one_shard_looks_a_frame_up_and_searches_it_in_one_call(served):
     assert client.json("/api/info")["shards"] == 2
 
 
+def test_replicas_reservations_fit_the_machine():
+    """Replicas that would reserve more CPUs than the machine has share it equally; otherwise unchanged."""
+    from cliquecnn_ray.service import fit_to_cpus
+
+    default = ServeConfig()  # one shard, the embedder, the ingress: 3 CPUs
+    assert fit_to_cpus(default, 8.0) is default
+    fitted = fit_to_cpus(default, 2.0)
+    assert fitted.cpus_per_replica == 0.66 and 3 * fitted.cpus_per_replica <= 2.0
+    assert dataclasses.replace(fitted, cpus_per_replica=1.0) == default  # nothing else changes
+    assert fit_to_cpus(ServeConfig(shards=4), 2.0).cpus_per_replica == 0.33
+    assert fit_to_cpus(ServeConfig(cpus_per_replica=0), 1.0).cpus_per_replica == 0
+
+
+def test_service_with_whole_cpu_replicas_starts_on_a_two_cpu_machine(served):
+    """The default reservation (1 CPU for each of 3 replicas) on the tests' 2-CPU Ray: the service still
+    starts (Serve would otherwise wait for a free CPU for ever) and answers."""
+    import ray
+
+    from cliquecnn_ray import service
+
+    client, run, cfg = served
+    assert ray.cluster_resources()["CPU"] == 2
+    try:
+        service.start(dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, shards=1, cpus_per_replica=1.0)),
+                      run)
+        assert client.json("/api/info")["shards"] == 1
+        assert client.json("/api/frames/3/similar?k=2")["results"]
+    finally:
+        service.start(cfg, run)  # the module's two-shard service again, for the tests after this one
+    assert client.json("/api/info")["shards"] == 2
+
+
 def test_sharded_search_equals_unsharded():
     rng = np.random.default_rng(3)
     feats = rng.normal(size=(50, 8)).astype(np.float32)
