@@ -162,7 +162,10 @@ def check_image(data: bytes, max_bytes: int) -> None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:  # Pillow's message names only its in-memory buffer
+        raise QueryError(400, f"the upload ({len(data)} bytes) is not an image in a format that can be decoded "
+                              "(PNG, JPEG, ...)") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise QueryError(400, f"the upload is not an image that can be decoded (PNG, JPEG, ...): {exc}") from exc
 
 

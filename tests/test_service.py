@@ -216,7 +216,8 @@ def test_diffusion_reranks_the_exact_answer_on_the_rounds_graph(served):
 
 def test_bad_requests_are_refused_with_a_reason(served):
     client, _, cfg = served
-    assert "not an image" in client.json("/api/search", body=b"%PDF-1.4 not a picture", status=400)["detail"]
+    detail = client.json("/api/search", body=b"%PDF-1.4 not a picture", status=400)["detail"]
+    assert "not an image" in detail and "BytesIO" not in detail  # says what is wrong, not where Pillow read it
     assert "empty" in client.json("/api/search", body=b"", status=400)["detail"]
     too_big = png_bytes(np.zeros((8, 8), np.uint8)) + bytes(int(cfg.serve.max_upload_mb * 2**20))
     assert "at most" in client.json("/api/search", body=too_big, status=413)["detail"]
