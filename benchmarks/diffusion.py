@@ -53,6 +53,14 @@ VALIDATION_SPLITS = {"fashion_mnist": "datasets.fashion_mnist_validation_ids",
                      "moving_fashion_mnist": "datasets.moving_fashion_mnist_validation_clips"}
 
 
+def validation_split(source: str, cfg) -> str:
+    """How the validation labels of ``cfg`` (its built-in data resolved; ``source`` its first declared source)
+    were drawn: the built-in data set's split and seed, else the labels table they come from."""
+    if source in VALIDATION_SPLITS:
+        return f"{VALIDATION_SPLITS[source]} (seed {cfg.seed})"
+    return evidence.validation_config(cfg).evaluate.labels
+
+
 def last_round(run: str) -> int:
     """The highest round with committed features (the run's final features)."""
     r = 0
@@ -162,8 +170,7 @@ def measure_diffusion_gain(run_uri: str, config: str | Path = CONFIG, alphas=ALP
         "selected": {"k": best["k"], "alpha": best["alpha"], "query_expansion_n": best_qe["n"]},
         "selected_on": "validation",
         "validation": {"frames": len(val_rows), "queries": validation_queries,
-                       "split": f"{VALIDATION_SPLITS[declared.sources[0]]} (seed {cfg.seed})"
-                       if declared.sources[0] in VALIDATION_SPLITS else evidence.validation_config(cfg).evaluate.labels,
+                       "split": validation_split(declared.sources[0], cfg),
                        **val},
         "test_queries": test_queries,
         "test_database": len(test_rows),

@@ -312,7 +312,7 @@ def fit_to_cpus(scfg: ServeConfig, cpus: float) -> ServeConfig:
 
 def start(cfg: PipelineConfig, run: str, round_index: int | None = None, address: str | None = None) -> str:
     """Deploy the service (on ``address``'s cluster, else the embedded local Ray); returns its URL."""
-    build_app(cfg, run, round_index)  # refuses a run it cannot serve before Ray starts
+    app = build_app(cfg, run, round_index)  # refuses a run it cannot serve before Ray starts
     raysetup.init_ray(address=address)
     if not (address or os.environ.get("RAY_ADDRESS")):  # this machine's Ray: every replica must fit on it
         cpus = ray.cluster_resources().get("CPU", 0.0)
@@ -322,7 +322,7 @@ def start(cfg: PipelineConfig, run: str, round_index: int | None = None, address
                      "%g CPUs; each reserves %g", cfg.serve.shards + 2, cfg.serve.cpus_per_replica, cpus,
                      fitted.cpus_per_replica)
             cfg = dataclasses.replace(cfg, serve=fitted)
-    app = build_app(cfg, run, round_index)
+            app = build_app(cfg, run, round_index)
     quiet = {"log_level": "WARNING"}  # Serve logs every request at INFO
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=quiet)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
