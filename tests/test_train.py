@@ -2,6 +2,7 @@
 Train stage (checkpoints, resume after an injected failure, next round from the previous weights, DDP)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -268,6 +269,9 @@ def test_train_stage_commits_model_pt(trained):
     assert cnn_features.extract_features(net, images).shape == (32, network.FC_DIM)
     assert not storage.exists(storage.join(StageDir(run, 0, "model").uri, "_ray_train"))  # cleaned up
     assert stage.run(cfg, 0)["skipped"]  # same config and inputs: nothing to do
+    # What later rounds train with is not round 0's setting: its model stays committed.
+    later = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr_round_decay=0.3, round_steps=(8, 2)))
+    assert stage.run(later, 0)["skipped"]
 
 
 def test_injected_failure_resumes_from_the_last_checkpoint_on_s3(trained, s3_bucket):

@@ -275,9 +275,12 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
         previous = StageDir(cfg.run, round_index - 1, "model")
         inputs["previous_model"] = previous.fingerprint()
         init_model = previous.file(MODEL_FILE)
-    # This round's step count, not the whole list: changing a later round's steps keeps this round's model.
-    train_settings = {**hashed_view(cfg.train), "steps": round_steps(cfg, round_index)}
+    # This round's step count and learning rate, not the list and the decay: changing what a later round
+    # trains with keeps this round's model.
+    train_settings = {**hashed_view(cfg.train),
+                      "steps": round_steps(cfg, round_index), "lr": round_lr(cfg, round_index)}
     train_settings.pop("round_steps")
+    train_settings.pop("lr_round_decay")
     stage_config = {"train": train_settings, "gpu": cfg.resources.gpus_for_training, "seed": cfg.seed}
     name = "train-" + hashlib.sha256(
         json.dumps([config_hash(stage_config), inputs], sort_keys=True).encode()
