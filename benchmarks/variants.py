@@ -6,13 +6,15 @@ round's committed features on the validation clips afterwards.
 
     .venv/bin/python benchmarks/variants.py [NAME ...]      # default: every variant below
 
-Each variant runs in runs/moving_variants/NAME (committed stages are reused). The variant whose final round
+Each variant runs in runs/moving_variants/NAME (committed stages are reused; one that differs from another
+only after round 0 starts from a copy of that one's run, ``STARTS_FROM``). The variant whose final round
 has the best validation AUC is ``selected``, and the config carries its settings. Writes
 benchmarks/results/variants.json.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import evidence  # noqa: E402
 from benchmarks.moving_fashion_mnist import clique_purity  # noqa: E402
-from cliquecnn_ray import raysetup  # noqa: E402
-from cliquecnn_ray.config import load_config  # noqa: E402
+from cliquecnn_ray import raysetup, rundir  # noqa: E402
+from cliquecnn_ray.config import config_hash, load_config  # noqa: E402
 from cliquecnn_ray.pipeline import resolve_builtin_data, run_pipeline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "variants.json"
@@ -51,12 +53,40 @@ VARIANTS = {
     # The same with λ as tune.py selects it on the widened grid (the config's λ when this was measured): the
     # choices were made one after another, so do they compose?
     "more_cliques_tuned_lambda": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "features.lda_lambda=10000.0"],
+    # Later rounds at a third of the learning rate of the round before (each round's AdaGrad starts afresh,
+    # so its first steps are its largest): do the rounds after the first then refine instead of falling back?
+    "gentle_rounds": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.lr_round_decay=0.3"],
+    # Later rounds a third as long (paper Sect. 2.6: once the similarities are more reliable, fewer batches).
+    "shorter_rounds": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]"],
 }
+# A variant that differs from another only after its first round starts from a copy of that variant's run:
+# the stages they share are committed already and are skipped (``seconds`` then counts only the rest).
+STARTS_FROM = {"gentle_rounds": "more_cliques", "shorter_rounds": "more_cliques"}
+
+
+def copy_run(parent: Path, run: Path) -> None:
+    """``parent``'s run directory copied to ``run``, its committed stages reusable there. The built-in source
+    is generated inside the run, and ingest fingerprints a source by its path: the copy's frames record is
+    pointed at the copy's own (byte-identical) source, its fingerprint kept, so that nothing is recomputed
+    for having moved."""
+    shutil.copytree(parent, run)
+    record_path = run / "round=0" / "frames" / "_SUCCESS.json"
+    record = json.loads(record_path.read_text())
+    old_prefix, new_prefix = str(parent.relative_to(ROOT)), str(run.relative_to(ROOT))
+    sources = [source.replace(old_prefix, new_prefix, 1) for source in record["config"]["sources"]]
+    record["config"]["sources"] = sources
+    record["config_hash"] = config_hash(record["config"])
+    record["inputs"] = {source: rundir.source_fingerprint(source) for source in sources}
+    record_path.write_text(json.dumps(record, indent=2))
 
 
 def measure(name: str, overrides: list[str], earlier: dict | None = None) -> dict:
     started = time.time()
-    cfg = load_config(CONFIG, [*BASE, *overrides, f"run=runs/moving_variants/{name}", "evaluate.labels="])
+    run = ROOT / "runs" / "moving_variants" / name
+    parent = STARTS_FROM.get(name)
+    if parent and not run.exists():
+        copy_run(ROOT / "runs" / "moving_variants" / parent, run)
+    cfg = load_config(CONFIG, [*BASE, *overrides, f"run={run.relative_to(ROOT)}", "evaluate.labels="])
     records = run_pipeline(cfg)["records"]
     resolved = resolve_builtin_data(cfg)
     per_round = [evidence.evaluate_validation(resolved, r) for r in range(cfg.rounds + 1)]
@@ -65,7 +95,7 @@ def measure(name: str, overrides: list[str], earlier: dict | None = None) -> dic
         seconds = earlier["seconds"]  # every stage was committed already: the time is the run that made them
     # What each round's cliques gather (photograph or class), read from training clips only for diagnosis.
     return {"overrides": overrides, "per_round_validation": per_round, "seconds": seconds,
-            "clique_purity": clique_purity(cfg)}
+            "clique_purity": clique_purity(cfg), **({"started_from": parent} if parent else {})}
 
 
 def main() -> None:
