@@ -116,18 +116,42 @@ def layer_sweep(cfg: PipelineConfig, round_index: int = 0, layers=LAYERS) -> dic
             "selected": {"feature_layer": best["feature_layer"]}}
 
 
-def recorded_seconds(cfg: PipelineConfig) -> dict:
-    """Seconds each pipeline stage took, summed over rounds, from the committed records (``_SUCCESS.json``):
-    the method's own cost even when a benchmark resumed a run whose stages were already committed.
-    ``method_total`` is their sum."""
+def _method_stages(cfg: PipelineConfig) -> list[tuple[str, int, str]]:
+    """(step name, round, stage directory) of every stage of the method's own run."""
     dirs = [("ingest", 0, "frames"), ("features", 0, "features")]
     for r in range(cfg.rounds):
         dirs += [("neighbours", r, "neighbours"), ("cliques", r, "cliques"), ("batches", r, "batches"),
                  ("train", r, "model"), ("impute", r + 1, "features")]
-    dirs += [("evaluate", r, "evaluate") for r in range(cfg.rounds + 1)]
+    return dirs + [("evaluate", r, "evaluate") for r in range(cfg.rounds + 1)]
+
+
+def _seconds(cfg: PipelineConfig, round_index: int, stage: str) -> float:
+    return float((StageDir(cfg.run, round_index, stage).record() or {}).get("seconds") or 0.0)
+
+
+def recorded_seconds(cfg: PipelineConfig) -> dict:
+    """Seconds each pipeline stage took, summed over rounds, from the committed records (``_SUCCESS.json``):
+    the method's own cost even when a benchmark resumed a run whose stages were already committed.
+    ``method_total`` is their sum."""
     out: dict[str, float] = {}
-    for name, r, stage in dirs:
-        record = StageDir(cfg.run, r, stage).record() or {}
-        out[name] = round(out.get(name, 0.0) + float(record.get("seconds") or 0.0), 1)
+    for name, r, stage in _method_stages(cfg):
+        out[name] = round(out.get(name, 0.0) + _seconds(cfg, r, stage), 1)
     out["method_total"] = round(sum(out.values()), 1)
     return out
+
+
+def recorded_side_seconds(cfg: PipelineConfig) -> dict:
+    """Seconds, from the committed records, of the stages a benchmark runs beside the method in its run
+    directory (local): ``random_batches_ablation`` (stages named ``*randombatches``) and ``baselines`` (every
+    other one but the validation evaluations, which are selection, not a row)."""
+    method = {(r, stage) for _, r, stage in _method_stages(cfg)}
+    out = {"baselines": 0.0, "random_batches_ablation": 0.0}
+    for round_dir in sorted(Path(cfg.run).glob("round=*")):
+        r = int(round_dir.name.split("=", 1)[1])
+        for stage_dir in sorted(p for p in round_dir.iterdir() if (p / "_SUCCESS.json").exists()):
+            stage = stage_dir.name
+            if (r, stage) in method or stage.startswith("evaluate_validation"):
+                continue
+            key = "random_batches_ablation" if stage.endswith("randombatches") else "baselines"
+            out[key] += _seconds(cfg, r, stage)
+    return {k: round(v, 1) for k, v in out.items()}
