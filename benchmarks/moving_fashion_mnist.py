@@ -29,6 +29,7 @@ from cliquecnn_ray.config import load_config, to_dict  # noqa: E402
 from cliquecnn_ray.metrics import format_metrics_table  # noqa: E402
 from cliquecnn_ray.moving_fashion_mnist import FRAMES  # noqa: E402
 from cliquecnn_ray.pipeline import resolve_builtin_data, run_pipeline  # noqa: E402
+from cliquecnn_ray.training import round_steps  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "moving_fashion_mnist.json"
 KEYS = evidence.KEYS
@@ -142,7 +143,7 @@ def main() -> None:
         "n_train_clips": cfg.dataset.train_clips,
         "n_test_clips": cfg.dataset.test_clips,
         "frames": (cfg.dataset.train_clips + cfg.dataset.test_clips) * FRAMES,
-        "steps_per_round": cfg.train.steps,
+        "steps_per_round": [round_steps(cfg, r) for r in range(cfg.rounds)],
         "evaluation": "cross-video (evaluate.exclude_same_video): test clips' frames, labels = the item's class",
         "auc_round0": per_round[0]["auc"],
         "auc_final": final["auc"],
