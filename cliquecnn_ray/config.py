@@ -23,11 +23,14 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
 
 
-def setting(default: Any, *, min: Any = None, above: Any = None, max: Any = None, hashed: bool = True) -> Any:  # noqa: A002
+def setting(default: Any, *, min: Any = None, above: Any = None, max: Any = None, hashed: bool = True,  # noqa: A002
+            added_later: bool = False) -> Any:
     """A field with its constraints beside it, checked when the config loads (``min``/``max`` inclusive,
-    ``above`` exclusive; on a list, each entry)."""
+    ``above`` exclusive; on a list, each entry). ``added_later``: a field whose default keeps the behaviour
+    from before it existed enters the config hash only when set away from that default, so that runs
+    committed before it was added are still recognised as done."""
     checks = {k: v for k, v in (("min", min), ("above", above), ("max", max)) if v is not None}
-    return field(default=default, metadata={"hashed": hashed, **checks})
+    return field(default=default, metadata={"hashed": hashed, "added_later": added_later, **checks})
 
 
 def not_hashed(default: Any, **checks: Any) -> Any:
@@ -79,6 +82,8 @@ class NeighboursConfig:
     col_block: int = not_hashed(32768, min=1)  # columns per tile: wide tiles amortise per-tile top-k work
     tile_rows: int = not_hashed(1024, min=1)  # rows per tile: a 1024 × 32768 fp32 tile is 128 MB, reused within a task
     across_categories: bool = False  # the paper learns per category; never mix them unless asked
+    # Rounds ≥ 1 build their neighbours and cliques from (1 − w)·s_r + w·s_0; their output features stay s_r's.
+    anchor_round0: float = setting(0.0, min=0, max=1, added_later=True)  # w; 0: the paper (method.md)
 
 
 @dataclass(frozen=True)
@@ -360,10 +365,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 def hashed_view(config: Any) -> Any:
     """What of a config changes results, as plain JSON data: dataclasses (also inside dicts and lists)
-    without their ``not_hashed`` fields."""
+    without their ``not_hashed`` fields, nor their ``added_later`` fields left at the default."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return {f.name: hashed_view(getattr(config, f.name))
-                for f in dataclasses.fields(config) if f.metadata.get("hashed", True)}
+                for f in dataclasses.fields(config) if f.metadata.get("hashed", True)
+                and not (f.metadata.get("added_later") and getattr(config, f.name) == f.default)}
     if isinstance(config, dict):
         return {str(k): hashed_view(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):

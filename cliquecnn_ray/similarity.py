@@ -416,6 +416,27 @@ def table_to_extremes(table: pa.Table, source: str = "") -> tuple[np.ndarray, Ex
     return ids[order], Extremes(*out)
 
 
+def anchored_features(features: np.ndarray, round0_features: np.ndarray, weight: float) -> np.ndarray:
+    """A later round's features with round 0's beside them, [√(1−w)·φ_r, √w·φ_0], so that the ordinary engine's
+    inner product is the mixed similarity (1 − w)·s_r + w·s_0 (docs/method.md#anchored-rounds).
+
+    Args:
+        features: (N, d_r) the round's features; round0_features: (N, d_0) round 0's, row for row.
+        weight: w in [0, 1]; 0 returns ``features`` unchanged (as float32).
+    Returns:
+        (N, d_r + d_0) float32 (or (N, d_r) when w = 0).
+    """
+    feats = np.asarray(features, dtype=np.float32)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"anchored_features: weight must be in [0, 1], got {weight}")
+    if weight == 0.0:
+        return feats
+    base = np.asarray(round0_features, dtype=np.float32)
+    if len(base) != len(feats):
+        raise ValueError(f"anchored_features: {len(feats)} rows of the round's features, {len(base)} of round 0's")
+    return np.concatenate([feats * np.float32(math.sqrt(1.0 - weight)), base * np.float32(math.sqrt(weight))], axis=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Local Temporal Pooling (Eq. 9)
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from . import schema, storage
+from . import schema, similarity, storage
 from .hog import decode_images
 from .rundir import StageDir
 
@@ -62,3 +62,24 @@ def write_clique_similarity(blocks: list[tuple[str, np.ndarray, np.ndarray]], at
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     storage.write_bytes(storage.join(attempt_uri, CLIQUE_SIMILARITY_FILE), sink.getvalue().to_pybytes())
+
+
+def read_similarity_features(run: str, round_index: int, anchor_round0: float) -> tuple[np.ndarray, np.ndarray]:
+    """(frame_ids, features) that round ``round_index``'s neighbours and cliques are built from: the round's
+    features, with round 0's beside them when ``anchor_round0`` > 0 in a later round
+    (``similarity.anchored_features``; config ``neighbours.anchor_round0``)."""
+    stage = StageDir(run, round_index, "features")
+    ids, feats = schema.table_to_features(stage.read_table(), source=str(stage))
+    if round_index == 0 or anchor_round0 == 0:
+        return ids, feats
+    base = StageDir(run, 0, "features")
+    base_ids, base_feats = schema.table_to_features(base.read_table(), source=str(base))
+    order = np.argsort(base_ids, kind="stable")
+    at = np.minimum(np.searchsorted(base_ids[order], ids), max(len(order) - 1, 0))
+    missing = (base_ids[order][at] != ids) if len(order) else np.ones(len(ids), bool)
+    if missing.any():
+        raise schema.SchemaError(
+            f"features table ({base}): no round-0 feature for frame_id {ids[np.argmax(missing)]}, which "
+            f"{stage} has (neighbours.anchor_round0 = {anchor_round0} needs both)"
+        )
+    return ids, similarity.anchored_features(feats, base_feats[order[at]], anchor_round0)

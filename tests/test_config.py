@@ -112,3 +112,13 @@ def test_fields_that_only_change_how_work_runs_leave_the_hash():
     for override in ("neighbours.k=7", "seed=3", "train.lr=0.5", "cliques.num_cliques=3"):
         assert config_hash(load_config(None, [override])) != base, override
     assert "row_block" not in hashed_view(load_config(None).neighbours)
+
+
+def test_a_field_added_later_enters_the_hash_only_when_set():
+    """Runs committed before ``neighbours.anchor_round0`` existed keep their records; setting it redoes them."""
+    from cliquecnn_ray.config import hashed_view
+
+    assert "anchor_round0" not in hashed_view(load_config(None).neighbours)
+    anchored = load_config(None, ["neighbours.anchor_round0=0.5"])
+    assert hashed_view(anchored.neighbours)["anchor_round0"] == 0.5
+    assert config_hash(anchored) != config_hash(load_config(None))

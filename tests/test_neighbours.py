@@ -285,6 +285,41 @@ def test_stage_across_categories(ray_session, tmp_path):
     assert_same(ext, similarity.exact_extremes(feats, np.arange(60), 5))
 
 
+def test_anchored_features_give_the_mixed_similarity():
+    rng = np.random.default_rng(4)
+    later = similarity.pearson_normalise(rng.normal(size=(20, 6)))
+    first = similarity.pearson_normalise(rng.normal(size=(20, 9)))
+    mixed = similarity.anchored_features(later, first, 0.3)
+    np.testing.assert_allclose(mixed @ mixed.T, 0.7 * later @ later.T + 0.3 * first @ first.T, atol=1e-6)
+    assert similarity.anchored_features(later, first, 0.0) is not first and similarity.anchored_features(
+        later, first, 0.0).shape == later.shape
+    with pytest.raises(ValueError, match="weight"):
+        similarity.anchored_features(later, first, 1.5)
+    with pytest.raises(ValueError, match="20 rows"):
+        similarity.anchored_features(later, first[:5], 0.5)
+
+
+def test_stage_anchors_later_rounds_to_round_0(ray_session, tmp_path):
+    """Round 1's neighbours with ``anchor_round0`` are the exact neighbours of the mixed similarity; round 0's
+    ignore it (and are not recomputed for it)."""
+    from cliquecnn_ray.stages import neighbours as stage
+
+    first, _ = synthetic.clustered_features(n_clusters=4, per_cluster=15, d=10, noise=0.5, seed=5)
+    later, _ = synthetic.clustered_features(n_clusters=6, per_cluster=10, d=7, noise=0.8, seed=6)
+    run = str(tmp_path / "run")
+    make_run(run, first, ["x"] * 60)
+    synthetic.commit_table(run, 1, "features", schema.features_to_table(np.arange(60), later))
+    plain = stage_cfg(run, k=6, row_block=25)
+    anchored = stage_cfg(run, k=6, row_block=25, anchor_round0=0.4)
+    stage.run(plain, round_index=0)
+    assert stage.run(anchored, round_index=0)["skipped"]
+    stage.run(anchored, round_index=1)
+    _, got = similarity.table_to_extremes(rundir.StageDir(run, 1, "neighbours").read_table())
+    mixed = similarity.anchored_features(later, first, 0.4)
+    assert_same(got, similarity.exact_extremes(mixed, np.arange(60), 6))
+    assert not stage.run(plain, round_index=1)["skipped"]  # a different similarity: recomputed
+
+
 def test_stage_bad_inputs(ray_session, tmp_path):
     from cliquecnn_ray.stages import neighbours as stage
 

@@ -3,6 +3,8 @@ docs/method.md#compact-cliques).
 
 Inputs: ``StageDir(run, r, "neighbours")`` (frame_id, nn_ids), ``StageDir(run, r, "features")`` (φ, L2-normalised)
 and ``StageDir(run, 0, "frames")`` (frame_id, video_id, category). The math is ``cliquecnn_ray.linkage``.
+In a later round with ``neighbours.anchor_round0`` > 0, φ is the round's features with round 0's beside them,
+the similarity its neighbours were built from (``stage_outputs.read_similarity_features``).
 
 Work: per category (sorted), the seeds (every frame that has a neighbours row, or a seeded random subset of
 ``cliques.max_seeds``) are cut into chunks of ``cliques.seeds_per_task``, each chunk one Ray task
@@ -39,7 +41,7 @@ import pyarrow.compute as pc
 from .. import linkage, schema, storage
 from ..config import PipelineConfig
 from ..rundir import StageDir, run_stage
-from ..stage_outputs import write_clique_similarity
+from ..stage_outputs import read_similarity_features, write_clique_similarity
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def load_inputs(cfg: PipelineConfig, round_: int) -> dict:
     video_codes = np.full(n, -1, dtype=np.int64)
     video_codes[frame_ids] = video
 
-    fids, feats = schema.table_to_features(feats_dir.read_table(), source=str(feats_dir))
+    fids, feats = read_similarity_features(cfg.run, round_, cfg.neighbours.anchor_round0)
     if n:
         bad = np.flatnonzero((fids < 0) | (fids >= n) | ~known[np.clip(fids, 0, max(n - 1, 0))])
     else:
@@ -213,6 +215,9 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
         "neighbours": nb_dir.fingerprint(),
     }
     config = {"cliques": cfg.cliques, "seed": cfg.seed}  # the seed subset and the spread k-means use it
+    if round_index > 0 and cfg.neighbours.anchor_round0:  # linkage and S' see the neighbours' mixed similarity
+        config["anchor_round0"] = cfg.neighbours.anchor_round0
+        inputs["round0_features"] = StageDir(cfg.run, 0, "features").fingerprint()
 
     def compute(attempt_uri: str) -> dict:
         import ray

@@ -11,6 +11,7 @@ for it would help nobody). A category of one frame gets empty lists.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -21,6 +22,7 @@ from .. import raysetup, schema, similarity, storage
 from ..config import PipelineConfig
 from ..progress import Progress
 from ..rundir import StageDir, run_stage
+from ..stage_outputs import read_similarity_features
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +102,14 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False) -> dict:
     frames_dir = StageDir(cfg.run, 0, "frames")
     out = StageDir(cfg.run, round_index, "neighbours")
     inputs = {"features": features_dir.fingerprint(), "frames": frames_dir.fingerprint()}
+    anchor = ncfg.anchor_round0 if round_index > 0 else 0.0
+    if anchor:
+        inputs["round0_features"] = StageDir(cfg.run, 0, "features").fingerprint()
+    ncfg = dataclasses.replace(ncfg, anchor_round0=anchor)  # round 0 is its own anchor: no reason to recompute it
 
     def compute(attempt_uri: str) -> dict:
         raysetup.init_ray()
-        ids, feats = schema.table_to_features(features_dir.read_table(), source=str(features_dir))
+        ids, feats = read_similarity_features(cfg.run, round_index, anchor)
         if len(ids) == 0:
             raise schema.SchemaError(f"features table ({features_dir}): no rows")
         if feats.shape[1] == 0:
