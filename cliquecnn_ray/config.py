@@ -194,6 +194,7 @@ class ServeConfig:
     cpus_per_replica: float = not_hashed(1.0)  # CPUs each replica reserves (cut to fit this machine without --address)
     threads: int = not_hashed(0, min=0)  # BLAS / torch threads per replica; 0: one per reserved CPU (≥ 1), as Ray does
     gpu: bool = not_hashed(False)  # embed image queries on a GPU
+    neighbours_table: bool = not_hashed(True)  # frame queries the committed neighbours table answers: a lookup
 
 
 @dataclass(frozen=True)

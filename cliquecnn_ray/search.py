@@ -133,6 +133,52 @@ def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.
 # Queries
 
 
+@dataclass(frozen=True)
+class NeighbourAnswers:
+    """Every frame's committed nearest neighbours (the round's neighbours table): the answer a frame-id query
+    with k ≤ ``k`` and no re-ranking gets from an exact search, without searching. Row i is frame i."""
+
+    nn_ids: np.ndarray  # (N, k) int64, best first, ties by frame_id as merge_top_k orders them
+    nn_sims: np.ndarray  # (N, k) float32
+
+    @property
+    def k(self) -> int:
+        return int(self.nn_ids.shape[1])
+
+    def answer(self, frame_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, frame_ids) of the frame's k nearest other frames."""
+        ids, sims = self.nn_ids[frame_id, :k], self.nn_sims[frame_id, :k]
+        keep = ids >= 0  # a collection of fewer than k + 1 frames pads its lists
+        return sims[keep], ids[keep]
+
+
+def read_neighbour_answers(run: str, round_index: int) -> tuple[NeighbourAnswers | None, str]:
+    """The round's neighbours table as frame-id answers, or None and why it cannot give them: it must be
+    committed for the round's current features, over all frames as one group (not per category), and built
+    from the features themselves (not mixed with round 0's, ``neighbours.anchor_round0``)."""
+    from .similarity import table_to_extremes
+
+    stage, features = StageDir(run, round_index, "neighbours"), StageDir(run, round_index, "features")
+    record = stage.record()
+    if record is None:
+        return None, f"{stage} is not committed"
+    if record.get("inputs", {}).get("features") != features.fingerprint():
+        return None, f"{stage} was computed from other features than the committed {features}"
+    if record.get("stats", {}).get("categories") != 1:
+        return None, f"{stage} lists neighbours within each of {record.get('stats', {}).get('categories')} categories"
+    if record.get("config", {}).get("anchor_round0"):
+        return None, f"{stage} was built from a similarity mixed with round 0's"
+    ids, extremes = table_to_extremes(stage.read_table([schema.FRAME_ID, schema.NN_IDS, schema.NN_SIMS,
+                                                        schema.FAR_IDS, schema.FAR_SIMS]), source=str(stage))
+    if not np.array_equal(ids, np.arange(feature_count(run, round_index))):
+        return None, f"{stage} does not list every frame of {features} once"
+    # Ties in the exact index's order (score, then frame_id), so both ways give the same answer; pads
+    # (id −1, sim −inf) stay last.
+    order = np.lexsort((extremes.nn_ids, -extremes.nn_sims))
+    return NeighbourAnswers(np.take_along_axis(extremes.nn_ids, order, axis=1),
+                            np.take_along_axis(extremes.nn_sims, order, axis=1)), ""
+
+
 class QueryError(ValueError):
     """A client's request cannot be answered; ``status`` is the HTTP status that says why."""
 

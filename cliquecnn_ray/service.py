@@ -7,6 +7,9 @@ Three deployments (the search itself lives in ``search.py``, ``ann.py`` and ``di
 - ``Embedder``: the round's model; concurrent image queries are batched into one forward pass (``serve.batch``);
 - ``SearchApi``: the HTTP ingress (FastAPI): fans a query out to every shard, merges their top-k, optionally
   re-ranks by diffusion on the round's k-NN graph, and answers with each frame's video, index and category.
+  A frame-id query that the round's committed neighbours table answers (k ≤ its k, no re-ranking, one group:
+  ``search.read_neighbour_answers``) is a lookup there instead: the same answer, no search
+  (``serve.neighbours_table``).
 
 HTTP API (JSON): ``GET /api/info``, ``GET /api/frames?count=&offset=`` (frames spread over the run),
 ``GET /api/frames/{frame_id}`` (a frame and its video's strip), ``GET /api/frames/{frame_id}/similar?k=&rerank=``,
@@ -151,6 +154,12 @@ class SearchApi:
         self.settings, self.diffusion = settings, diffusion
         self.frames = search.FrameCatalogue(run, settings["thumbnail_size"])
         self.page_html = importlib.resources.files("cliquecnn_ray").joinpath("static/search.html").read_text()
+        self.answers = None
+        if settings["neighbours_table"]:
+            self.answers, why_not = search.read_neighbour_answers(run, round_index)
+            if self.answers is None:
+                log.info("search service: frame queries are searched (the neighbours table cannot answer: %s)",
+                         why_not)
         self.graph, self.graph_missing = None, ""
         try:
             from .diffusion import load_knn_graph
@@ -164,6 +173,10 @@ class SearchApi:
 
     async def _nearest(self, query: np.ndarray | int, k: int, rerank: str, exclude: int | None = None) -> list[dict]:
         """The answer to ``query`` (a feature, or a frame id: that frame's feature)."""
+        if rerank == "none" and isinstance(query, int) and self.answers is not None and k <= self.answers.k:
+            # The pipeline already searched every frame's neighbours exactly: the answer is a lookup.
+            scores, ids = self.answers.answer(query, k)
+            return self.frames.describe(ids, scores)
         wanted = k + (exclude is not None)
         if rerank == "diffusion":
             if self.graph is None:
@@ -229,6 +242,7 @@ class SearchApi:
                 "dimension": await self.shards[0].dimension.remote(), "shards": len(self.shards),
                 "index": self.settings["index"], "max_k": self.settings["max_k"],
                 "default_k": self.settings["default_k"], "diffusion": self.graph is not None,
+                "frame_answers_from_table_up_to_k": self.answers.k if self.answers is not None else 0,
                 "diffusion_unavailable": self.graph_missing}
 
     @api.get("/api/frames")

@@ -138,6 +138,43 @@ def test_one_shard_looks_a_frame_up_and_searches_it_in_one_call(served):
     assert client.json("/api/info")["shards"] == 2
 
 
+def test_frame_queries_the_neighbours_table_answers_are_lookups(served, tmp_path):
+    """Over one group of frames, the round's committed neighbours table answers frame queries (k ≤ its k, no
+    re-ranking) exactly as the search does; a larger k is searched. Per category (this module's run) it
+    answers nothing."""
+    from cliquecnn_ray import service
+    from cliquecnn_ray.stages import neighbours
+
+    client, run, cfg = served
+    answers, why_not = search.read_neighbour_answers(run, 1)
+    assert answers is None and "2 categories" in why_not
+    assert client.json("/api/info")["frame_answers_from_table_up_to_k"] == 0
+    one_group = str(tmp_path / "run")
+    shutil.copytree(run, one_group)
+    wide = dataclasses.replace(cfg, run=one_group,
+                               neighbours=dataclasses.replace(cfg.neighbours, k=12, across_categories=True))
+    neighbours.run(wide, 1)
+    answers, why_not = search.read_neighbour_answers(one_group, 1)
+    assert why_not == "" and answers.k == 12
+    feats = _features(one_group)[1]
+    for frame_id in range(24):
+        scores, ids = answers.answer(frame_id, 12)
+        want_ids, want_scores = _brute_force(one_group, feats[frame_id], 12, exclude=frame_id)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    try:
+        service.start(wide, one_group)
+        assert client.json("/api/info")["frame_answers_from_table_up_to_k"] == 12
+        for frame_id, k in ((3, 12), (20, 5), (7, 13)):  # the last is more than the table holds: searched
+            ids, scores = _answer(client.json(f"/api/frames/{frame_id}/similar?k={k}")["results"])
+            want_ids, want_scores = _brute_force(one_group, feats[frame_id], k, exclude=frame_id)
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    finally:
+        service.start(cfg, run)  # the module's service again, for the tests after this one
+    assert client.json("/api/info")["frame_answers_from_table_up_to_k"] == 0
+
+
 def test_replicas_reservations_fit_the_machine():
     """Replicas that would reserve more CPUs than the machine has share it equally; otherwise unchanged."""
     from cliquecnn_ray.service import fit_to_cpus
