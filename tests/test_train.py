@@ -317,3 +317,20 @@ def test_second_round_starts_from_the_previous_weights_on_two_ddp_workers(traine
             assert not torch.equal(second.state_dict()[name], param)  # a fresh head for new cliques
         else:
             assert torch.equal(second.state_dict()[name], param), name
+
+
+def test_fresh_rounds_train_a_new_network(trained):
+    """``train.fresh_rounds``: a later round trains from scratch on its own cliques, round 0's model untouched."""
+    from cliquecnn_ray.stages import train as stage
+
+    run, cfg, _ = trained
+    fresh = tiny_cfg(run, "train.steps=2", "train.fresh_rounds=true")
+    assert stage.run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fresh_rounds=True)), 0)["skipped"]
+    record = stage.run(fresh, 1)
+    stats = record["stats"]
+    assert "previous_model" not in record["inputs"] and stats["head_warmup_steps"] == 0
+    assert not stats.get("initialised_from")
+    first, _ = _load_state(run, 0)
+    second, _ = _load_state(run, 1)
+    assert any(not torch.equal(second.state_dict()[name], param) for name, param in first.named_parameters()
+               if not name.startswith("head."))

@@ -271,7 +271,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
         "batches": StageDir(cfg.run, round_index, "batches" + variant).fingerprint(),
     }
     init_model = None
-    if round_index > 0 and not variant:
+    if round_index > 0 and not variant and not cfg.train.fresh_rounds:
         previous = StageDir(cfg.run, round_index - 1, "model")
         inputs["previous_model"] = previous.fingerprint()
         init_model = previous.file(MODEL_FILE)
@@ -281,6 +281,8 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
                       "steps": round_steps(cfg, round_index), "lr": round_lr(cfg, round_index)}
     train_settings.pop("round_steps")
     train_settings.pop("lr_round_decay")
+    if round_index == 0:  # round 0 always trains anew
+        train_settings.pop("fresh_rounds", None)
     stage_config = {"train": train_settings, "gpu": cfg.resources.gpus_for_training, "seed": cfg.seed}
     name = "train-" + hashlib.sha256(
         json.dumps([config_hash(stage_config), inputs], sort_keys=True).encode()
