@@ -105,7 +105,7 @@ def service_table(serve: dict, diffusion: dict | None, moving: dict | None = Non
                      goals.get("overhead_ms"), "≤"))
     if "ivf" in serve:  # the same load on the approximate index
         at = rows.index(next(r for r in rows if r[0].startswith("image query p99"))) + 1
-        rows[at:at] = [("with the IVF index: frame-id query p99 (ms)", serve["ivf"]["frame_p99_ms"],
+        rows[at:at] = [(f"with the IVF index: frame-id query p99{answered} (ms)", serve["ivf"]["frame_p99_ms"],
                         goals.get("frame_p99_ms"), "≤"),
                        ("with the IVF index: image query p99 (ms)", serve["ivf"]["image_p99_ms"],
                         goals.get("image_p99_ms"), "≤")]
@@ -117,7 +117,8 @@ def service_table(serve: dict, diffusion: dict | None, moving: dict | None = Non
                      None, ""))
     if "idle_threads" in serve:  # the replicas' idle BLAS / OpenMP threads: sleeping (the service) or spinning
         sleep, spin = serve["idle_threads"]["sleep"], serve["idle_threads"]["spin"]
-        rows.insert(rows.index(next(r for r in rows if r[0].startswith("Serve overhead over"))) + 1,
+        last_overhead = max(i for i, r in enumerate(rows) if r[0].startswith("Serve overhead"))
+        rows.insert(last_overhead + 1,
                     ("1 shard, CPU per frame-id query at concurrency 1, all processes (ms): idle threads sleep "
                      f"(spin: {spin['frame_c1_cpu_ms']})", sleep["frame_c1_cpu_ms"], None, ""))
     if diffusion is not None:
