@@ -129,6 +129,7 @@ class TrainConfig:
     lr: float = setting(0.001, above=0)  # paper Sect. 3.1; ten times more from scratch makes the loss spike early
     lr_round_decay: float = setting(1.0, above=0)  # round r trains at lr · decay^r: its optimiser restarts
     fresh_rounds: bool = setting(False, added_later=True)  # later rounds train anew, not from the last (paper)
+    replay_round0: bool = setting(False, added_later=True)  # later rounds also train on round 0's batches (method.md)
     head_warmup_steps: int = setting(100, min=0)  # of `steps`, head-only after a round (its new head is random)
     head_warmup_lr: float = setting(0.005, above=0)  # head lr then: a random head catches up with a trained backbone
     momentum: float = setting(0.9, min=0, max=1)  # μ of Eq. 8 when optimizer = "sgd"

@@ -319,18 +319,57 @@ def test_second_round_starts_from_the_previous_weights_on_two_ddp_workers(traine
             assert torch.equal(second.state_dict()[name], param), name
 
 
-def test_fresh_rounds_train_a_new_network(trained):
-    """``train.fresh_rounds``: a later round trains from scratch on its own cliques, round 0's model untouched."""
+def test_fresh_rounds_and_replay_round0_in_a_later_round(trained):
+    """``train.fresh_rounds``: a later round trains from scratch, round 0's model untouched;
+    ``train.replay_round0``: it trains on round 0's batches too, an input of later rounds only. (One
+    training run checks both, as each is slow to start.)"""
     from cliquecnn_ray.stages import train as stage
 
     run, cfg, _ = trained
-    fresh = tiny_cfg(run, "train.steps=2", "train.fresh_rounds=true")
-    assert stage.run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fresh_rounds=True)), 0)["skipped"]
-    record = stage.run(fresh, 1)
+    later = tiny_cfg(run, "train.steps=2", "train.fresh_rounds=true", "train.replay_round0=true")
+    assert stage.run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fresh_rounds=True,
+                                                                         replay_round0=True)), 0)["skipped"]
+    record = stage.run(later, 1)
     stats = record["stats"]
     assert "previous_model" not in record["inputs"] and stats["head_warmup_steps"] == 0
     assert not stats.get("initialised_from")
     first, _ = _load_state(run, 0)
-    second, _ = _load_state(run, 1)
+    second, meta = _load_state(run, 1)
     assert any(not torch.equal(second.state_dict()[name], param) for name, param in first.named_parameters()
                if not name.startswith("head."))
+    assert record["inputs"]["round0_batches"] == StageDir(run, 0, "batches").fingerprint()
+    assert record["inputs"]["round0_cliques"] == StageDir(run, 0, "cliques").fingerprint()
+    assert stats["num_cliques"] == stats["rows"] == 16 and stats["num_batches"] == 8
+    assert meta["clique_ids"] == [*range(100, 108)] * 2
+
+
+def test_replay_round0_trains_on_both_rounds_batches(tmp_path):
+    """``train.replay_round0``: a later round's head has an output per clique of its own round and of round
+    0's, and every batch keeps its own round's cliques and frames."""
+    from cliquecnn_ray.stages import train as stage
+
+    run = str(tmp_path / "run")
+    tiny_run(run)
+    own = [[0, 9, 18], [27, 1, 10]]  # round 1's two cliques, each across classes: unlike any of round 0's
+    commit_table(run, 1, "cliques", pa.table(
+        {"clique_id": pa.array([7, 3], pa.int32()), "category": ["all"] * 2,
+         "frame_ids": pa.array(own, pa.list_(pa.int64())), "compactness": pa.array([0.5, 0.5], pa.float32())},
+        schema=schema.CLIQUES))
+    commit_table(run, 1, "batches", pa.table(
+        {"batch_id": pa.array([0], pa.int32()), "category": ["all"],
+         "clique_ids": pa.array([[3, 7]], pa.list_(pa.int32()))}, schema=schema.BATCHES))
+    alone = stage.load_training_data(tiny_cfg(run), 1, seed=0)
+    assert alone.sampler.num_classes == 2 and alone.clique_ids.tolist() == [3, 7] and len(alone.images) == 6
+
+    both = stage.load_training_data(tiny_cfg(run, "train.replay_round0=true"), 1, seed=0)
+    assert both.clique_ids.tolist() == [3, 7, *range(100, 108)] and both.sampler.num_classes == 10
+    assert both.sampler.batches.tolist() == [[0, 1], [2, 4], [6, 8], [3, 7], [5, 9]]
+    assert len(both.images) == CLASSES * PER_CLASS  # every frame once, though round 1's are in round 0's too
+    reference = stage.load_training_data(tiny_cfg(run), 0, seed=0)
+    for k, frames in enumerate([own[1], own[0]]):  # head outputs 0, 1: clique ids 3, 7
+        np.testing.assert_array_equal(both.images[both.sampler.clique_rows[k]], reference.images[frames])
+    for k in range(8):  # round 0's cliques follow, in the order of their ids
+        np.testing.assert_array_equal(both.images[both.sampler.clique_rows[2 + k]],
+                                      reference.images[reference.sampler.clique_rows[k]])
+    assert stage.training_rounds(tiny_cfg(run, "train.replay_round0=true"), 0) == [0]
+    assert stage.training_rounds(tiny_cfg(run, "train.replay_round0=true"), 1, "_nncnn") == [1]

@@ -66,11 +66,45 @@ class TrainingData:
 
     images: torch.Tensor  # (F, C, H, W) uint8: every frame in any clique, decoded once
     sampler: CliqueBatchSampler  # rows index ``images``; targets index ``clique_ids``
-    clique_ids: np.ndarray  # (K,) int32: the clique of each head output, ascending
+    clique_ids: np.ndarray  # (K,) int32: the clique of each head output (ascending within each round's)
+
+
+def training_rounds(cfg: PipelineConfig, round_: int, variant: str = "") -> list[int]:
+    """The rounds whose cliques and batches round ``round_`` trains on: its own, and round 0's too when
+    ``train.replay_round0`` (a later round of the method, not a baseline's variant)."""
+    return [round_, 0] if cfg.train.replay_round0 and round_ > 0 and not variant else [round_]
 
 
 def load_training_data(cfg: PipelineConfig, round_: int, seed: int, variant: str = "") -> TrainingData:
-    """Cliques and batches of ``round_`` and the frames of all cliques, decoded at ``train.input_size``."""
+    """The cliques and batches ``round_`` trains on (``training_rounds``) and the frames of all their cliques,
+    decoded at ``train.input_size``. With several rounds, the head has one output per clique of each round
+    (this round's first) and every batch keeps its own round's cliques: a step draws one batch uniformly
+    from all of them."""
+    parts = [_cliques_and_batches(cfg, r, variant) for r in training_rounds(cfg, round_, variant)]
+    members = [m for _, clique_members, _ in parts for m in clique_members]
+    offsets = np.cumsum([0] + [len(ids) for ids, _, _ in parts])[:-1]
+    matrix = np.concatenate([batches + offset for (_, _, batches), offset in zip(parts, offsets)])
+    clique_ids = np.concatenate([ids for ids, _, _ in parts])
+    needed = np.unique(np.concatenate([np.asarray(m, np.int64) for m in members]))
+    frames = read_frames(cfg.run, needed, IMAGE_COLUMNS)
+    have = frames.column(schema.FRAME_ID).to_numpy()
+    if len(have) != len(needed):
+        missing = np.setdiff1d(needed, have)[0]
+        where = next(r for r, (_, clique_members, _) in zip(training_rounds(cfg, round_, variant), parts)
+                     if any(missing in m for m in clique_members))
+        raise ValueError(f"cliques table ({StageDir(cfg.run, where, 'cliques' + variant)}): frame_id {missing} "
+                         f"is not in the frames table")
+    clique_rows = [np.searchsorted(have, np.asarray(m, np.int64)) for m in members]
+    decoded = decode_frames(frames, cfg.train.input_size, cfg.train.grey)
+    images = torch.from_numpy(decoded[:, None] if decoded.ndim == 3 else decoded.transpose(0, 3, 1, 2).copy())
+    sampler = CliqueBatchSampler(matrix, clique_rows, cfg.train.images_per_step, seed=seed,
+                                 balanced=cfg.train.balance_cliques)
+    return TrainingData(images=images.contiguous(), sampler=sampler, clique_ids=clique_ids)
+
+
+def _cliques_and_batches(cfg: PipelineConfig, round_: int, variant: str) -> tuple[np.ndarray, list, np.ndarray]:
+    """One round's committed cliques and batches, checked → (clique_ids (K,) int32 ascending, members (K lists
+    of frame ids), batches (B, r) int64 rows of clique_ids)."""
     cliques_dir = StageDir(cfg.run, round_, "cliques" + variant)
     batches_dir = StageDir(cfg.run, round_, "batches" + variant)
     cliques = schema.check_columns(cliques_dir.read_table(), schema.CLIQUES, "cliques", str(cliques_dir))
@@ -84,13 +118,6 @@ def load_training_data(cfg: PipelineConfig, round_: int, seed: int, variant: str
         dup = clique_ids[np.flatnonzero(np.diff(clique_ids) == 0)[0]]
         raise ValueError(f"cliques table ({cliques_dir}): clique_id {dup} appears twice")
     members = cliques.column(schema.FRAME_IDS).to_pylist()
-    needed = np.unique(np.concatenate([np.asarray(m, np.int64) for m in members]))
-    frames = read_frames(cfg.run, needed, IMAGE_COLUMNS)
-    have = frames.column(schema.FRAME_ID).to_numpy()
-    if len(have) != len(needed):
-        missing = np.setdiff1d(needed, have)[0]
-        raise ValueError(f"cliques table ({cliques_dir}): frame_id {missing} is not in the frames table")
-    clique_rows = [np.searchsorted(have, np.asarray(m, np.int64)) for m in members]
     empty = [int(clique_ids[i]) for i, m in enumerate(members) if len(m) == 0]
     if empty:
         raise ValueError(f"cliques table ({cliques_dir}): clique_id {empty[0]} has no frames")
@@ -108,11 +135,7 @@ def load_training_data(cfg: PipelineConfig, round_: int, seed: int, variant: str
             raise ValueError(f"batches table ({batches_dir}): batch_id {batch_ids[i]} names clique_id "
                              f"{ids[int(np.flatnonzero(bad)[0])]}, which is not in the cliques table")
         matrix[i] = pos
-    decoded = decode_frames(frames, cfg.train.input_size, cfg.train.grey)
-    images = torch.from_numpy(decoded[:, None] if decoded.ndim == 3 else decoded.transpose(0, 3, 1, 2).copy())
-    sampler = CliqueBatchSampler(matrix, clique_rows, cfg.train.images_per_step, seed=seed,
-                                 balanced=cfg.train.balance_cliques)
-    return TrainingData(images=images.contiguous(), sampler=sampler, clique_ids=clique_ids)
+    return clique_ids, members, matrix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +293,9 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
         "cliques": StageDir(cfg.run, round_index, "cliques" + variant).fingerprint(),
         "batches": StageDir(cfg.run, round_index, "batches" + variant).fingerprint(),
     }
+    for replayed in training_rounds(cfg, round_index, variant)[1:]:
+        inputs[f"round{replayed}_cliques"] = StageDir(cfg.run, replayed, "cliques").fingerprint()
+        inputs[f"round{replayed}_batches"] = StageDir(cfg.run, replayed, "batches").fingerprint()
     init_model = None
     if round_index > 0 and not variant and not cfg.train.fresh_rounds:
         previous = StageDir(cfg.run, round_index - 1, "model")
@@ -281,8 +307,9 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
                       "steps": round_steps(cfg, round_index), "lr": round_lr(cfg, round_index)}
     train_settings.pop("round_steps")
     train_settings.pop("lr_round_decay")
-    if round_index == 0:  # round 0 always trains anew
+    if round_index == 0:  # round 0 always trains anew, on its own cliques
         train_settings.pop("fresh_rounds", None)
+        train_settings.pop("replay_round0", None)
     stage_config = {"train": train_settings, "gpu": cfg.resources.gpus_for_training, "seed": cfg.seed}
     name = "train-" + hashlib.sha256(
         json.dumps([config_hash(stage_config), inputs], sort_keys=True).encode()
@@ -323,7 +350,8 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
             raise RuntimeError(f"{out}: last checkpoint is at step {state['step']}, "
                                f"expected {round_steps(cfg, round_index)}")
         stats = dict(result.return_value or {})
-        clique_ids = _clique_ids(cfg, round_index, variant)
+        clique_ids = np.concatenate([_clique_ids(cfg, r, variant if r == round_index else "")
+                                     for r in training_rounds(cfg, round_index, variant)])
         meta = model_meta(cfg, len(clique_ids), clique_ids)
         model = build_model(meta["name"], meta["num_classes"], meta["input_size"], meta["in_channels"])
         model.load_state_dict(state["model"])
