@@ -116,16 +116,22 @@ def test_concurrent_queries_batched_by_the_shards_each_get_their_own_answer(serv
         np.testing.assert_allclose(scores, want_scores, atol=1e-5)
 
 
-def test_one_shard_looks_a_frame_up_and_searches_it_in_one_call(served):
-    """With a single index shard, a frame query is one call to it, not a lookup and then a search: the same
-    answers as the two-shard service and a brute-force search."""
+def test_one_shard_with_whole_cpu_replicas_looks_a_frame_up_and_searches_it_in_one_call(served):
+    """One index shard at the default reservation (1 CPU for each of 3 replicas) on the tests' 2-CPU Ray:
+    the service still starts (Serve would otherwise wait for a free CPU for ever), and a frame query is one
+    call to the shard, not a lookup and then a search: the same answers as the two-shard service and a
+    brute-force search. (One service checks both, as each start is slow.)"""
+    import ray
+
     from cliquecnn_ray import service
 
     client, run, cfg = served
+    assert ray.cluster_resources()["CPU"] == 2
     feats = _features(run)[1]
     two_shards = client.json("/api/frames/17/similar?k=9")
     try:
-        service.start(dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, shards=1)), run)
+        service.start(dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, shards=1, cpus_per_replica=1.0)),
+                      run)
         assert client.json("/api/info")["shards"] == 1
         assert client.json("/api/frames/17/similar?k=9") == two_shards
         for frame_id, k in ((0, 23), (12, 4)):
@@ -186,25 +192,6 @@ def test_replicas_reservations_fit_the_machine():
     assert dataclasses.replace(fitted, cpus_per_replica=1.0) == default  # nothing else changes
     assert fit_to_cpus(ServeConfig(shards=4), 2.0).cpus_per_replica == 0.33
     assert fit_to_cpus(ServeConfig(cpus_per_replica=0), 1.0).cpus_per_replica == 0
-
-
-def test_service_with_whole_cpu_replicas_starts_on_a_two_cpu_machine(served):
-    """The default reservation (1 CPU for each of 3 replicas) on the tests' 2-CPU Ray: the service still
-    starts (Serve would otherwise wait for a free CPU for ever) and answers."""
-    import ray
-
-    from cliquecnn_ray import service
-
-    client, run, cfg = served
-    assert ray.cluster_resources()["CPU"] == 2
-    try:
-        service.start(dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, shards=1, cpus_per_replica=1.0)),
-                      run)
-        assert client.json("/api/info")["shards"] == 1
-        assert client.json("/api/frames/3/similar?k=2")["results"]
-    finally:
-        service.start(cfg, run)  # the module's two-shard service again, for the tests after this one
-    assert client.json("/api/info")["shards"] == 2
 
 
 def test_sharded_search_equals_unsharded():
