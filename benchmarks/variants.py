@@ -71,11 +71,15 @@ VARIANTS = {
     # round 0's cliques were the purest measured, and each later round fell back from the one before.
     "replay_rounds": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]",
                       "train.replay_round0=true"],
+    # Both changes to the later rounds together: anchored cliques, and round 0's batches replayed beside them.
+    "anchored_replay": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]",
+                        "neighbours.anchor_round0=0.5", "train.replay_round0=true"],
 }
 # A variant that differs from another only after its first round starts from a copy of that variant's run:
 # the stages they share are committed already and are skipped (``seconds`` then counts only the rest).
 STARTS_FROM = {"gentle_rounds": "more_cliques", "shorter_rounds": "more_cliques", "anchored_rounds": "shorter_rounds",
-               "fresh_rounds": "anchored_rounds", "replay_rounds": "shorter_rounds"}
+               "fresh_rounds": "anchored_rounds", "replay_rounds": "shorter_rounds",
+               "anchored_replay": "anchored_rounds"}
 # The selection rule, fixed before the anchored_rounds sweep: the variant the config carries (the last
 # ``selected``) stays unless another's final-round validation AUC is more than MARGIN above it. Validation
 # and test once disagreed by less than this about two variants that differ only in their later rounds' length.
