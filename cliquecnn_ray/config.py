@@ -189,7 +189,7 @@ class ServeConfig:
     index: str = not_hashed("exact")  # exact inner product; "ivf" / "hnsw" (faiss) for millions of frames
     max_k: int = not_hashed(100)  # largest k a client may ask for
     default_k: int = not_hashed(20)  # k when the client names none
-    max_batch_size: int = not_hashed(16)  # concurrent image queries embedded in one forward pass
+    max_batch_size: int = not_hashed(16)  # ingress calls (each the uploads that came together) per forward pass
     batch_wait_ms: float = not_hashed(5.0)  # how long a batch waits to fill: latency traded for throughput
     max_upload_mb: float = not_hashed(10.0)  # larger uploads are refused (413)
     thumbnail_size: int = not_hashed(96)  # thumbnail side in pixels

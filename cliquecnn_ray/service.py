@@ -133,14 +133,18 @@ class Embedder:
         self.embed.set_batch_wait_timeout_s(batch_wait_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def embed(self, images: list[bytes]) -> list[np.ndarray]:
+    async def embed(self, requests: list[list[bytes]]) -> list[np.ndarray]:
+        # Each request is a list of images (an ingress batch): those of concurrent requests share one pass.
+        images = [image for request in requests for image in request]
         # In a thread, as the shards' search: the forward pass must not block the replica's event loop.
         features = await asyncio.to_thread(search.query_features, self.model, self.meta, images, self.layer, self.ltp_p,
                                            device=self.device)
-        return list(features)
+        ends = np.cumsum([len(request) for request in requests])
+        return [features[end - len(request) : end] for end, request in zip(ends, requests)]
 
-    async def __call__(self, image: bytes) -> np.ndarray:
-        return await self.embed(image)
+    async def __call__(self, images: list[bytes]) -> np.ndarray:
+        """(m,) encoded images → their (m, d) features."""
+        return await self.embed(list(images))
 
 
 @serve.deployment(max_ongoing_requests=MAX_ONGOING)
@@ -225,6 +229,11 @@ class SearchApi:
                     answers[r].append((scores[i], found[i]))
         return [search.merge_top_k(answers[r], ki) for r, (_, ki) in enumerate(requests)]
 
+    @serve.batch(max_batch_size=SEARCH_BATCH, batch_wait_timeout_s=0.0, max_concurrent_batches=SEARCH_BATCHES)
+    async def _embed(self, images: list[bytes]) -> list[np.ndarray]:
+        """Concurrent uploads → their features, in one call to the embedder (as ``_top_k`` to the shards)."""
+        return list(await self.embedder.remote(images))
+
     def _query(self, k: int | None, rerank: str) -> int:
         k = self.settings["default_k"] if k is None else k
         search.check_query(k, self.settings["max_k"], rerank)
@@ -279,7 +288,7 @@ class SearchApi:
             raise QueryError(413, f"the upload has {declared} bytes; at most {limit} are accepted")
         data = await request.body()
         search.check_image(data, limit)
-        vector = await self.embedder.remote(data)
+        vector = await self._embed(data)
         results = await self._nearest(vector, k, rerank)
         return {"query": {"upload": True, "bytes": len(data)}, "k": k, "rerank": rerank, "results": results}
 
