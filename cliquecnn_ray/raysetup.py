@@ -108,9 +108,9 @@ def tame_ray_data() -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    # The V2 read path (Ray Data's default since 2026) opens every read_parquet with a ListFiles task that
-    # holds seconds of wall time, nearly all idle, even for one local file: it made the small stages'
-    # reads (impute, features) several times slower than the V1 reader, which reads the same files.
+    # The V2 read path (Ray Data's default in the Ray this project pins) opens every read_parquet with a
+    # ListFiles task that holds seconds of wall time, nearly all idle, even for one local file: the small
+    # stages (impute, features) took seconds longer per read than with the V1 reader, which reads the same files.
     if hasattr(ctx, "use_datasource_v2"):
         ctx.use_datasource_v2 = False
     interactive = sys.stderr.isatty()

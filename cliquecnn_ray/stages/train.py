@@ -350,8 +350,7 @@ def run(cfg: PipelineConfig, round_index: int = 0, force: bool = False, variant:
             raise RuntimeError(f"{out}: last checkpoint is at step {state['step']}, "
                                f"expected {round_steps(cfg, round_index)}")
         stats = dict(result.return_value or {})
-        clique_ids = np.concatenate([_clique_ids(cfg, r, variant if r == round_index else "")
-                                     for r in training_rounds(cfg, round_index, variant)])
+        clique_ids = np.concatenate([_clique_ids(cfg, r, variant) for r in training_rounds(cfg, round_index, variant)])
         meta = model_meta(cfg, len(clique_ids), clique_ids)
         model = build_model(meta["name"], meta["num_classes"], meta["input_size"], meta["in_channels"])
         model.load_state_dict(state["model"])
