@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("exact", "ivf", "hnsw")
 BLOCK_BYTES = 64 * 2**20  # exact search: a block of queries' scores (block · N floats) stays this small
-GEMV_QUERIES = 3  # exact search: up to this many queries, one matrix-vector pass each (BLAS's GEMM is slower)
-ROW_BLOCK = 2048  # exact search, more queries: features in blocks of rows, each read once for all of them
+GEMM_QUERIES = 8  # exact search: from this many queries one matrix product; fewer, matrix-vector products
+COLUMN_BLOCK = 4096  # exact search, a few queries: frames a block at a time, read once from memory for all
 IVF_POINTS_PER_CELL = 256  # ≈ √N cells on a million frames; k-means wants ≥ 39 training points per cell
 IVF_NPROBE = 32  # cells searched per query
 HNSW_M = 32  # graph degree: 32 keeps recall@10 high on d of a few hundred
@@ -35,6 +35,8 @@ class Index(Protocol):
     kind: str
 
     def __len__(self) -> int: ...
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray: ...
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -64,19 +66,27 @@ def _padded(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 
 class ExactIndex:
-    """Brute-force inner product over (n, d) float32 features, in blocks of queries of ``BLOCK_BYTES`` scores."""
+    """Brute-force inner product over (n, d) float32 features, in blocks of queries of ``BLOCK_BYTES`` scores.
+
+    The features are held transposed, (d, n): search is bound by reading them from memory, and BLAS reads
+    that layout faster for a few queries (matrix-vector products), the search service's usual case
+    (benchmarks/exact_search.py measures both layouts)."""
 
     kind = "exact"
 
     def __init__(self, features: np.ndarray):
-        self.features = _as_matrix(features, "features")
+        self.columns = np.ascontiguousarray(_as_matrix(features, "features").T)
 
     def __len__(self) -> int:
-        return self.features.shape[0]
+        return self.columns.shape[1]
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The features (m, d) of ``rows``."""
+        return np.ascontiguousarray(self.columns[:, np.asarray(rows, np.int64)].T)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(m, d) queries → scores (m, k) float32 descending, rows (m, k) int64; −inf / −1 pad past n."""
-        queries = _as_matrix(queries, "queries", self.features.shape[1])
+        queries = _as_matrix(queries, "queries", self.columns.shape[0])
         top = min(int(k), len(self))
         scores = np.empty((len(queries), top), dtype=np.float32)
         rows = np.empty((len(queries), top), dtype=np.int64)
@@ -92,15 +102,18 @@ class ExactIndex:
         return _padded(scores, rows, int(k))
 
     def _scores(self, queries: np.ndarray) -> np.ndarray:
-        """(m, d) queries → (m, n) inner products. Search is bound by reading the features: a few queries
-        take one matrix-vector pass each; more take the features a block of rows at a time (the block stays
-        in cache for every query), which BLAS does not do for a short, wide product."""
-        if len(queries) <= GEMV_QUERIES:
-            return np.stack([self.features @ q for q in queries])
-        out = np.empty((len(self), len(queries)), dtype=np.float32)
-        for lo in range(0, len(self), ROW_BLOCK):
-            np.matmul(self.features[lo : lo + ROW_BLOCK], queries.T, out=out[lo : lo + ROW_BLOCK])
-        return np.ascontiguousarray(out.T)
+        """(m, d) queries → (m, n) inner products. Many queries: one matrix product. A few: BLAS's matrix
+        product is slow for a short, wide one, so each query takes a matrix-vector product over a block of
+        frames while the block is in cache, and the features are read from memory once for all of them."""
+        if len(queries) >= GEMM_QUERIES:
+            return queries @ self.columns
+        n = len(self)
+        out = np.empty((len(queries), n), dtype=np.float32)
+        for lo in range(0, n, COLUMN_BLOCK):
+            block = self.columns[:, lo : lo + COLUMN_BLOCK]
+            for query, scores in zip(queries, out):
+                np.matmul(query, block, out=scores[lo : lo + COLUMN_BLOCK])
+        return out
 
 
 class FaissIndex:
@@ -113,6 +126,10 @@ class FaissIndex:
 
     def __len__(self) -> int:
         return self.n
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The features (m, d) of ``rows``, from the index's own copy."""
+        return self.index.reconstruct_batch(np.asarray(rows, np.int64))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(m, d) queries → scores (m, k) float32 descending, rows (m, k) int64; −inf / −1 where not found."""
@@ -158,6 +175,7 @@ def build_index(features: np.ndarray, kind: str = "exact", **params) -> Index:
         index.cp.seed = int(params.get("seed", 0))
         index.train(features)
         index.add(features)
+        index.make_direct_map()  # rows' features back from the index (``vectors``), with no copy kept beside it
         index.nprobe = int(params.get("nprobe", IVF_NPROBE))
         log.info("ivf index: %d rows, d = %d, %d cells, nprobe %d", n, d, nlist, index.nprobe)
     else:

@@ -79,17 +79,17 @@ class IndexShard:
 
         _use_threads(threads)
         self.lo = lo
-        self.frame_ids, self.features = search.read_feature_slice(run, round_index, lo, hi)
-        self.index = build_index(self.features, kind)
-        log.info("index shard %d..%d: %d frames, d = %d, %s", lo, hi - 1, len(self.frame_ids),
-                 self.features.shape[1], kind)
+        self.frame_ids, features = search.read_feature_slice(run, round_index, lo, hi)
+        self.d = int(features.shape[1])
+        self.index = build_index(features, kind)  # the index's copy is the only one kept
+        log.info("index shard %d..%d: %d frames, d = %d, %s", lo, hi - 1, len(self.frame_ids), self.d, kind)
 
     def dimension(self) -> int:
-        return int(self.features.shape[1])
+        return self.d
 
     def vectors(self, frame_ids: np.ndarray) -> np.ndarray:
         """The features (m, d) of frames this shard holds."""
-        return self.features[np.asarray(frame_ids, np.int64) - self.lo]
+        return self.index.vectors(np.asarray(frame_ids, np.int64) - self.lo)
 
     async def search_frames(self, frame_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``search`` with frames this shard holds as the queries."""

@@ -18,7 +18,9 @@ def test_exact_equals_brute_force(monkeypatch):
     expected = np.argsort(-full, axis=1, kind="stable")[:, :10]
     np.testing.assert_array_equal(rows, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(full, expected, 1), rtol=1e-6)
-    monkeypatch.setattr(ann, "ROW_BLOCK", 64)  # 7 queries: features read 64 rows at a time, the same answer
+    monkeypatch.setattr(ann, "COLUMN_BLOCK", 64)  # 7 queries, one at a time over blocks of 64 frames: the same
+    np.testing.assert_array_equal(ann.build_index(feats).search(queries, 10)[1], expected)
+    monkeypatch.setattr(ann, "GEMM_QUERIES", 2)  # 7 queries in one matrix product: the same
     np.testing.assert_array_equal(ann.build_index(feats).search(queries, 10)[1], expected)
     monkeypatch.setattr(ann, "BLOCK_BYTES", 4 * 300 * 2)  # blocks of two queries, one pass each: the same
     np.testing.assert_array_equal(ann.build_index(feats).search(queries, 10)[1], expected)
@@ -26,6 +28,7 @@ def test_exact_equals_brute_force(monkeypatch):
     scores, rows = ann.build_index(feats[:3]).search(queries[:2], 5)
     assert rows.shape == (2, 5) and (rows[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
     assert sorted(rows[0, :3].tolist()) == [0, 1, 2]
+    np.testing.assert_array_equal(ann.build_index(feats).vectors(np.array([5, 0, 299])), feats[[5, 0, 299]])
 
 
 @pytest.mark.parametrize("kind, params", [("ivf", {"nprobe": 8}), ("hnsw", {})])
@@ -38,6 +41,7 @@ def test_approximate_recall_against_exact(kind, params):
     assert rows.shape == (100, 10) and len(index) == len(feats)
     assert ann.recall_at_k(rows, exact) >= 0.9
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, feats[rows]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(index.vectors(np.array([7, 0, 3999])), feats[[7, 0, 3999]])
 
 
 def test_recall_and_bad_input():
