@@ -198,16 +198,17 @@ def rerank(
     return rows[top], f[top]
 
 
-def load_knn_graph(run: str, round_index: int, k: int, gamma: float = GAMMA) -> KnnGraph:
+def load_knn_graph(run: str, round_index: int, k: int, gamma: float = GAMMA, table: tuple | None = None) -> KnnGraph:
     """The KnnGraph of round ``round_index``'s features of ``run``, from that round's committed neighbours
-    table (its first ``k`` neighbours per frame). Rows follow the round's features in ascending frame_id.
+    table (its first ``k`` neighbours per frame; ``table``: as ``similarity.read_neighbours`` gives it, when
+    the caller has read it already). Rows follow the round's features in ascending frame_id.
 
     A round without a neighbours table (the last round's features) needs the ordinary stage run first:
     ``cliquecnn neighbours --run RUN --round R`` (the error says so).
     """
     # Reading a run is I/O, kept out of the module's imports so the math above stays numpy / scipy.
     from . import rundir, schema
-    from .similarity import table_to_extremes
+    from .similarity import read_neighbours
 
     table_dir = rundir.StageDir(run, round_index, "neighbours")
     if table_dir.record() is None:
@@ -215,9 +216,7 @@ def load_knn_graph(run: str, round_index: int, k: int, gamma: float = GAMMA) -> 
             f"{table_dir}: no committed neighbours table for round {round_index} of {run}; compute it with "
             f"`cliquecnn neighbours --run {run} --round {round_index}` (with the run's --config)"
         )
-    ids, extremes = table_to_extremes(table_dir.read_table([schema.FRAME_ID, schema.NN_IDS, schema.NN_SIMS,
-                                                            schema.FAR_IDS, schema.FAR_SIMS]),
-                                      source=str(table_dir))
+    ids, extremes = table if table is not None else read_neighbours(table_dir)
     features_ids = rundir.StageDir(run, round_index, "features").read_table([schema.FRAME_ID])
     features_ids = np.sort(features_ids.column(schema.FRAME_ID).to_numpy().astype(np.int64))
     if not np.array_equal(ids, features_ids):

@@ -152,11 +152,21 @@ class NeighbourAnswers:
         return sims[keep], ids[keep]
 
 
-def read_neighbour_answers(run: str, round_index: int) -> tuple[NeighbourAnswers | None, str]:
+def read_neighbours_table(run: str, round_index: int) -> tuple | None:
+    """The round's committed neighbours table as ``similarity.read_neighbours`` gives it; None when there is none."""
+    from .similarity import read_neighbours
+
+    stage = StageDir(run, round_index, "neighbours")
+    return read_neighbours(stage) if stage.record() is not None else None
+
+
+def read_neighbour_answers(run: str, round_index: int,
+                           table: tuple | None = None) -> tuple[NeighbourAnswers | None, str]:
     """The round's neighbours table as frame-id answers, or None and why it cannot give them: it must be
     committed for the round's current features, over all frames as one group (not per category), and built
-    from the features themselves (not mixed with round 0's, ``neighbours.anchor_round0``)."""
-    from .similarity import table_to_extremes
+    from the features themselves (not mixed with round 0's, ``neighbours.anchor_round0``). ``table``: the
+    table as ``similarity.read_neighbours`` gives it, when the caller has read it already."""
+    from .similarity import read_neighbours
 
     stage, features = StageDir(run, round_index, "neighbours"), StageDir(run, round_index, "features")
     record = stage.record()
@@ -168,8 +178,7 @@ def read_neighbour_answers(run: str, round_index: int) -> tuple[NeighbourAnswers
         return None, f"{stage} lists neighbours within each of {record.get('stats', {}).get('categories')} categories"
     if record.get("config", {}).get("anchor_round0"):
         return None, f"{stage} was built from a similarity mixed with round 0's"
-    ids, extremes = table_to_extremes(stage.read_table([schema.FRAME_ID, schema.NN_IDS, schema.NN_SIMS,
-                                                        schema.FAR_IDS, schema.FAR_SIMS]), source=str(stage))
+    ids, extremes = table if table is not None else read_neighbours(stage)
     if not np.array_equal(ids, np.arange(feature_count(run, round_index))):
         return None, f"{stage} does not list every frame of {features} once"
     # Ties in the exact index's order (score, then frame_id), so both ways give the same answer; pads

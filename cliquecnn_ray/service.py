@@ -158,9 +158,10 @@ class SearchApi:
         self.settings, self.diffusion = settings, diffusion
         self.frames = search.FrameCatalogue(run, settings["thumbnail_size"])
         self.page_html = importlib.resources.files("cliquecnn_ray").joinpath("static/search.html").read_text()
+        table = search.read_neighbours_table(run, round_index)  # once, for the frame answers and the graph
         self.answers = None
         if settings["neighbours_table"]:
-            self.answers, why_not = search.read_neighbour_answers(run, round_index)
+            self.answers, why_not = search.read_neighbour_answers(run, round_index, table)
             if self.answers is None:
                 log.info("search service: frame queries are searched (the neighbours table cannot answer: %s)",
                          why_not)
@@ -168,7 +169,7 @@ class SearchApi:
         try:
             from .diffusion import load_knn_graph
 
-            self.graph = load_knn_graph(run, round_index, k=diffusion["k"], gamma=diffusion["gamma"])
+            self.graph = load_knn_graph(run, round_index, k=diffusion["k"], gamma=diffusion["gamma"], table=table)
         except (search.StageNotCommitted, ValueError) as exc:
             self.graph_missing = str(exc)
             log.warning("search service: diffusion re-ranking unavailable: %s", exc)

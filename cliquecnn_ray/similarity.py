@@ -416,6 +416,12 @@ def table_to_extremes(table: pa.Table, source: str = "") -> tuple[np.ndarray, Ex
     return ids[order], Extremes(*out)
 
 
+def read_neighbours(stage) -> tuple[np.ndarray, Extremes]:
+    """A committed neighbours stage (a ``rundir.StageDir``) → ``table_to_extremes`` of its table."""
+    columns = [schema.FRAME_ID, schema.NN_IDS, schema.NN_SIMS, schema.FAR_IDS, schema.FAR_SIMS]
+    return table_to_extremes(stage.read_table(columns), source=str(stage))
+
+
 def anchored_features(features: np.ndarray, round0_features: np.ndarray, weight: float) -> np.ndarray:
     """A later round's features with round 0's beside them, [√(1−w)·φ_r, √w·φ_0], so that the ordinary engine's
     inner product is the mixed similarity (1 − w)·s_r + w·s_0 (docs/method.md#anchored-rounds).
