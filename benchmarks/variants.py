@@ -74,12 +74,17 @@ VARIANTS = {
     # Both changes to the later rounds together: anchored cliques, and round 0's batches replayed beside them.
     "anchored_replay": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]",
                         "neighbours.anchor_round0=0.5", "train.replay_round0=true"],
+    # replay_rounds with half the steps in its last round: with replay round 2 gained and round 3 fell back,
+    # so does the last fine-tuning overshoot?
+    "replay_short_last": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,250]",
+                          "train.replay_round0=true"],
 }
-# A variant that differs from another only after its first round starts from a copy of that variant's run:
-# the stages they share are committed already and are skipped (``seconds`` then counts only the rest).
+# A variant that differs from another only after its first round starts from a copy of that variant's run
+# when this machine has it: the stages they share are committed already and are skipped (``seconds`` then
+# counts only the rest).
 STARTS_FROM = {"gentle_rounds": "more_cliques", "shorter_rounds": "more_cliques", "anchored_rounds": "shorter_rounds",
                "fresh_rounds": "anchored_rounds", "replay_rounds": "shorter_rounds",
-               "anchored_replay": "anchored_rounds"}
+               "anchored_replay": "anchored_rounds", "replay_short_last": "replay_rounds"}
 # The selection rule, fixed before the anchored_rounds sweep: the variant the config carries (the last
 # ``selected``) stays unless another's final-round validation AUC is more than MARGIN above it. Validation
 # and test once disagreed by less than this about two variants that differ only in their later rounds' length.
@@ -106,6 +111,8 @@ def measure(name: str, overrides: list[str], earlier: dict | None = None) -> dic
     started = time.time()
     run = ROOT / "runs" / "moving_variants" / name
     parent = STARTS_FROM.get(name)
+    if parent and not (ROOT / "runs" / "moving_variants" / parent).exists():
+        parent = None  # this machine lacks that run: the variant is computed from its first stage
     if parent and not run.exists():
         copy_run(ROOT / "runs" / "moving_variants" / parent, run)
     cfg = load_config(CONFIG, [*BASE, *overrides, f"run={run.relative_to(ROOT)}", "evaluate.labels="])
