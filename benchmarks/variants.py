@@ -127,9 +127,20 @@ def measure(name: str, overrides: list[str], earlier: dict | None = None) -> dic
             "clique_purity": clique_purity(cfg), **({"started_from": parent} if parent else {})}
 
 
+def ineligible(measured: dict) -> dict[str, str]:
+    """Variants left out of the selection, and why: one meant to continue another (STARTS_FROM) but computed
+    from its first stage, because this machine lacked the other's run, differs from it in the rounds they
+    share by run-to-run variation too, and on these clips that variation is larger than MARGIN (compare
+    its first rounds with its parent's: the same settings)."""
+    return {name: f"computed from its first stage, not continued from {STARTS_FROM[name]}'s run: its shared "
+                  "rounds differ from that run's by run-to-run variation, larger than the margin"
+            for name, m in measured.items() if name in STARTS_FROM and "started_from" not in m}
+
+
 def select(measured: dict, incumbent: str | None) -> str:
     """The variant with the best final-round validation AUC, unless the incumbent is within MARGIN of it."""
-    final = {name: m["per_round_validation"][-1]["auc"] for name, m in measured.items()}
+    excluded = ineligible(measured)
+    final = {name: m["per_round_validation"][-1]["auc"] for name, m in measured.items() if name not in excluded}
     best = max(final, key=final.get)
     if incumbent in final and final[best] <= final[incumbent] + MARGIN:
         return incumbent
@@ -150,7 +161,8 @@ def main() -> None:
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     measured = results["variants"]
     best = select(measured, results.get("selected"))
-    results.update({"selected_on": "validation", "selected": best, "data_set": "moving_fashion_mnist", "base": BASE,
+    results.update({"selected_on": "validation", "selected": best, "not_selectable": ineligible(measured),
+                    "data_set": "moving_fashion_mnist", "base": BASE,
                     "criterion": f"final round's validation AUC (cross-video); the incumbent stays unless beaten "
                                  f"by more than {MARGIN}", "margin": MARGIN})
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
