@@ -129,11 +129,12 @@ def measure(name: str, overrides: list[str], earlier: dict | None = None) -> dic
 
 def ineligible(measured: dict) -> dict[str, str]:
     """Variants left out of the selection, and why: one meant to continue another (STARTS_FROM) but computed
-    from its first stage, because this machine lacked the other's run, differs from it in the rounds they
-    share by run-to-run variation too, and on these clips that variation is larger than MARGIN (compare
-    its first rounds with its parent's: the same settings)."""
-    return {name: f"computed from its first stage, not continued from {STARTS_FROM[name]}'s run: its shared "
-                  "rounds differ from that run's by run-to-run variation, larger than the margin"
+    from its first stage, because this machine lacked the other's run. The pipeline is deterministic on one
+    machine with one version of the code, but the rounds they share were then computed on another machine or
+    with other code, and on these clips that alone has moved the figures by more than MARGIN (compare its
+    first rounds with its parent's: the same settings)."""
+    return {name: f"computed from its first stage, not continued from {STARTS_FROM[name]}'s run: the rounds they "
+                  "share were computed again, here and now, and differ from that run's by more than the margin"
             for name, m in measured.items() if name in STARTS_FROM and "started_from" not in m}
 
 
