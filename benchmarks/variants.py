@@ -78,16 +78,24 @@ VARIANTS = {
     # so does the last fine-tuning overshoot?
     "replay_short_last": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,250]",
                           "train.replay_round0=true"],
+    # The selected variant (shorter_rounds) with augmentation as wide as the clips' own slow drifts (rotation
+    # ±20°, scale 0.8–1.2; moving_fashion_mnist.py) instead of the defaults' ±10° and 0.9–1.1: cross-video
+    # queries meet the item at another scale and angle than any frame of their own clip.
+    "clip_range_augment": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]",
+                           "train.aug_rotate=20.0", "train.aug_scale=0.2"],
 }
-# A variant that differs from another only after its first round starts from a copy of that variant's run
-# when this machine has it: the stages they share are committed already and are skipped (``seconds`` then
-# counts only the rest).
-STARTS_FROM = {"gentle_rounds": "more_cliques", "shorter_rounds": "more_cliques", "anchored_rounds": "shorter_rounds",
-               "fresh_rounds": "anchored_rounds", "replay_rounds": "shorter_rounds",
-               "anchored_replay": "anchored_rounds", "replay_short_last": "replay_rounds"}
+# A variant that differs from others only after its first round starts from a copy of the first of their runs
+# that this machine has: the stages they share are committed already and are skipped (``seconds`` then
+# counts only the rest). Without one it is computed from its first stage.
+STARTS_FROM = {"gentle_rounds": ("more_cliques",), "shorter_rounds": ("more_cliques", "replay_short_last"),
+               "anchored_rounds": ("shorter_rounds",), "fresh_rounds": ("anchored_rounds",),
+               "replay_rounds": ("shorter_rounds",), "anchored_replay": ("anchored_rounds",),
+               "replay_short_last": ("replay_rounds",)}
 # The selection rule, fixed before the anchored_rounds sweep: the variant the config carries (the last
 # ``selected``) stays unless another's final-round validation AUC is more than MARGIN above it. Validation
 # and test once disagreed by less than this about two variants that differ only in their later rounds' length.
+# Only variants measured with the same package code on the same kind of CPU as the incumbent's figures are
+# compared (``measured_with``): identical settings gave figures further apart than MARGIN across the two.
 MARGIN = 0.005
 
 
@@ -110,9 +118,7 @@ def copy_run(parent: Path, run: Path) -> None:
 def measure(name: str, overrides: list[str], earlier: dict | None = None) -> dict:
     started = time.time()
     run = ROOT / "runs" / "moving_variants" / name
-    parent = STARTS_FROM.get(name)
-    if parent and not (ROOT / "runs" / "moving_variants" / parent).exists():
-        parent = None  # this machine lacks that run: the variant is computed from its first stage
+    parent = next((p for p in STARTS_FROM.get(name, ()) if (ROOT / "runs" / "moving_variants" / p).exists()), None)
     if parent and not run.exists():
         copy_run(ROOT / "runs" / "moving_variants" / parent, run)
     cfg = load_config(CONFIG, [*BASE, *overrides, f"run={run.relative_to(ROOT)}", "evaluate.labels="])
@@ -124,23 +130,42 @@ def measure(name: str, overrides: list[str], earlier: dict | None = None) -> dic
         seconds = earlier["seconds"]  # every stage was committed already: the time is the run that made them
     # What each round's cliques gather (photograph or class), read from training clips only for diagnosis.
     return {"overrides": overrides, "per_round_validation": per_round, "seconds": seconds,
-            "clique_purity": clique_purity(cfg), **({"started_from": parent} if parent else {})}
+            "clique_purity": clique_purity(cfg), "measured_with": measured_with(),
+            **({"started_from": parent} if parent else {})}
 
 
-def ineligible(measured: dict) -> dict[str, str]:
-    """Variants left out of the selection, and why: one meant to continue another (STARTS_FROM) but computed
-    from its first stage, because this machine lacked the other's run. The pipeline is deterministic on one
-    machine with one version of the code, but the rounds they share were then computed on another machine or
-    with other code, and on these clips that alone has moved the figures by more than MARGIN (compare its
-    first rounds with its parent's: the same settings)."""
-    return {name: f"computed from its first stage, not continued from {STARTS_FROM[name]}'s run: the rounds they "
-                  "share were computed again, here and now, and differ from that run's by more than the margin"
-            for name, m in measured.items() if name in STARTS_FROM and "started_from" not in m}
+def measured_with() -> dict:
+    """What a measurement's figures depend on besides its settings: the package's code (a digest of its
+    Python sources) and the CPU. The pipeline is deterministic given both; across either, the same settings
+    have given validation AUCs further apart than MARGIN (replay_short_last's first rounds vs replay_rounds')."""
+    import hashlib
+    import platform
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "cliquecnn_ray").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return {"package_sha256": digest.hexdigest()[:16], "cpu": cpu}
+
+
+def ineligible(measured: dict, incumbent: str | None) -> dict[str, str]:
+    """Variants left out of the selection, and why: those not measured with the incumbent's code and CPU
+    (``measured_with``; an older entry without it counts as different), whose figures cannot be compared
+    with the incumbent's to within MARGIN. With no incumbent nothing is left out."""
+    if incumbent not in measured:
+        return {}
+    reference = measured[incumbent].get("measured_with")
+    return {name: f"not measured with the code and CPU of {incumbent}'s figures (measured_with): the same "
+                  "settings have differed by more than the margin across those"
+            for name, m in measured.items() if name != incumbent and (reference is None
+                                                                     or m.get("measured_with") != reference)}
 
 
 def select(measured: dict, incumbent: str | None) -> str:
     """The variant with the best final-round validation AUC, unless the incumbent is within MARGIN of it."""
-    excluded = ineligible(measured)
+    excluded = ineligible(measured, incumbent)
     final = {name: m["per_round_validation"][-1]["auc"] for name, m in measured.items() if name not in excluded}
     best = max(final, key=final.get)
     if incumbent in final and final[best] <= final[incumbent] + MARGIN:
@@ -162,7 +187,8 @@ def main() -> None:
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     measured = results["variants"]
     best = select(measured, results.get("selected"))
-    results.update({"selected_on": "validation", "selected": best, "not_selectable": ineligible(measured),
+    results.update({"selected_on": "validation", "selected": best,
+                    "not_selectable": ineligible(measured, results.get("selected")),
                     "data_set": "moving_fashion_mnist", "base": BASE,
                     "criterion": f"final round's validation AUC (cross-video); the incumbent stays unless beaten "
                                  f"by more than {MARGIN}", "margin": MARGIN})

@@ -1,0 +1,43 @@
+"""benchmarks/variants.py's selection rule: the incumbent stays unless beaten by more than the margin, and only
+figures measured with the incumbent's code and CPU can beat it."""
+import pytest
+
+from benchmarks import variants
+
+SAME = {"package_sha256": "a", "cpu": "x"}
+
+
+def measurement(final_auc: float, measured_with: dict | None = SAME) -> dict:
+    rounds = [{"auc": 0.6}, {"auc": final_auc}]
+    return {"per_round_validation": rounds, **({"measured_with": measured_with} if measured_with else {})}
+
+
+def test_incumbent_stays_within_margin_and_falls_beyond_it():
+    near = {"inc": measurement(0.70), "new": measurement(0.70 + variants.MARGIN / 2)}
+    far = {"inc": measurement(0.70), "new": measurement(0.70 + 2 * variants.MARGIN)}
+    assert variants.select(near, "inc") == "inc"
+    assert variants.select(far, "inc") == "new"
+
+
+@pytest.mark.parametrize("other", [{"package_sha256": "b", "cpu": "x"}, {"package_sha256": "a", "cpu": "y"}, None])
+def test_figures_measured_with_other_code_or_cpu_cannot_displace_the_incumbent(other):
+    measured = {"inc": measurement(0.70), "new": measurement(0.80, other)}
+    assert variants.select(measured, "inc") == "inc"
+    assert set(variants.ineligible(measured, "inc")) == {"new"}
+
+
+def test_an_unstamped_incumbent_keeps_its_place_until_measured_again():
+    measured = {"inc": measurement(0.70, None), "new": measurement(0.80)}
+    assert variants.select(measured, "inc") == "inc"
+
+
+def test_without_an_incumbent_the_best_final_round_wins():
+    measured = {"a": measurement(0.70), "b": measurement(0.72, {"package_sha256": "b", "cpu": "x"})}
+    assert variants.ineligible(measured, None) == {}
+    assert variants.select(measured, None) == "b"
+
+
+def test_measured_with_names_the_code_and_cpu():
+    stamp = variants.measured_with()
+    assert len(stamp["package_sha256"]) == 16 and stamp["cpu"]
+    assert stamp == variants.measured_with()
