@@ -7,7 +7,8 @@ round's committed features on the validation clips afterwards.
     .venv/bin/python benchmarks/variants.py [NAME ...]      # default: every variant below
 
 Each variant runs in runs/moving_variants/NAME (committed stages are reused; one that differs from another
-only after round 0 starts from a copy of that one's run, ``STARTS_FROM``). The variant whose final round
+only from a later stage on starts from a copy of that one's run, ``STARTS_FROM``; repeats under another
+seed, ``REPEATS``, are never selected). The variant whose final round
 has the best validation AUC is ``selected``, and the config carries its settings. Writes
 benchmarks/results/variants.json.
 """
@@ -83,14 +84,21 @@ VARIANTS = {
     # queries meet the item at another scale and angle than any frame of their own clip.
     "clip_range_augment": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]",
                            "train.aug_rotate=20.0", "train.aug_scale=0.2"],
+    # The selected variant again with another training seed (weights and sampling; the clips are the run's):
+    # how far apart do identical settings land, and do its later rounds fall back under this seed too?
+    "shorter_rounds_seed1": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]",
+                             "train.seed=1"],
 }
-# A variant that differs from others only after its first round starts from a copy of the first of their runs
-# that this machine has: the stages they share are committed already and are skipped (``seconds`` then
-# counts only the rest). Without one it is computed from its first stage.
+# Repeats of a variant's settings under another seed measure the spread; choosing among seeds would be
+# choosing noise, so they are never selected.
+REPEATS = {"shorter_rounds_seed1": "shorter_rounds"}
+# A variant that shares its first stages with others (it differs only from a later stage on) starts from a
+# copy of the first of their runs that this machine has: the stages they share are committed already and are
+# skipped (``seconds`` then counts only the rest). Without one it is computed from its first stage.
 STARTS_FROM = {"gentle_rounds": ("more_cliques",), "shorter_rounds": ("more_cliques", "replay_short_last"),
                "anchored_rounds": ("shorter_rounds",), "fresh_rounds": ("anchored_rounds",),
                "replay_rounds": ("shorter_rounds",), "anchored_replay": ("anchored_rounds",),
-               "replay_short_last": ("replay_rounds",)}
+               "replay_short_last": ("replay_rounds",), "shorter_rounds_seed1": ("shorter_rounds",)}
 # The selection rule, fixed before the anchored_rounds sweep: the variant the config carries (the last
 # ``selected``) stays unless another's final-round validation AUC is more than MARGIN above it. Validation
 # and test once disagreed by less than this about two variants that differ only in their later rounds' length.
@@ -153,14 +161,17 @@ def measured_with() -> dict:
 def ineligible(measured: dict, incumbent: str | None) -> dict[str, str]:
     """Variants left out of the selection, and why: those not measured with the incumbent's code and CPU
     (``measured_with``; an older entry without it counts as different), whose figures cannot be compared
-    with the incumbent's to within MARGIN. With no incumbent nothing is left out."""
+    with the incumbent's to within MARGIN; and repeats under another seed (REPEATS), always."""
+    repeats = {name: f"a repeat of {of}'s settings under another seed: it measures the spread, and is never "
+                     "selected" for name, of in REPEATS.items() if name in measured}
     if incumbent not in measured:
-        return {}
+        return repeats
     reference = measured[incumbent].get("measured_with")
-    return {name: f"not measured with the code and CPU of {incumbent}'s figures (measured_with): the same "
-                  "settings have differed by more than the margin across those"
-            for name, m in measured.items() if name != incumbent and (reference is None
-                                                                     or m.get("measured_with") != reference)}
+    return {**{name: f"not measured with the code and CPU of {incumbent}'s figures (measured_with): the same "
+                     "settings have differed by more than the margin across those"
+               for name, m in measured.items() if name != incumbent and (reference is None
+                                                                        or m.get("measured_with") != reference)},
+            **repeats}
 
 
 def select(measured: dict, incumbent: str | None) -> str:

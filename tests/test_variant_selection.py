@@ -37,6 +37,13 @@ def test_without_an_incumbent_the_best_final_round_wins():
     assert variants.select(measured, None) == "b"
 
 
+def test_a_repeat_under_another_seed_is_never_selected():
+    measured = {"shorter_rounds": measurement(0.70), "shorter_rounds_seed1": measurement(0.80)}
+    assert variants.select(measured, "shorter_rounds") == "shorter_rounds"
+    assert variants.select(measured, None) == "shorter_rounds"
+    assert set(variants.ineligible(measured, None)) == {"shorter_rounds_seed1"}
+
+
 def test_measured_with_names_the_code_and_cpu():
     stamp = variants.measured_with()
     assert len(stamp["package_sha256"]) == 16 and stamp["cpu"]
