@@ -35,6 +35,7 @@ CONFIG = ROOT / "configs" / "moving_fashion_mnist.yaml"
 # reruns as it was whatever the config now carries (λ was re-selected after it, on a wider grid: tune.py).
 BASE = ["features.lda_lambda=30.0", "ingest.motion_crop=false", "impute.feature_layer=fc7"]
 MOTION_CROP_POOL5 = ["train.steps=1500", "ingest.motion_crop=true", "impute.feature_layer=pool5"]
+SHORTER_ROUNDS = [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]"]  # selected
 VARIANTS = {
     # The config's budget before this sweep: 500 steps per round.
     "steps_500": ["train.steps=500"],
@@ -58,23 +59,20 @@ VARIANTS = {
     # so its first steps are its largest): do the rounds after the first then refine instead of falling back?
     "gentle_rounds": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.lr_round_decay=0.3"],
     # Later rounds a third as long (paper Sect. 2.6: once the similarities are more reliable, fewer batches).
-    "shorter_rounds": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]"],
+    "shorter_rounds": SHORTER_ROUNDS,
     # Later rounds' neighbours and cliques from the network's similarity mixed half and half with round 0's
     # (docs/method.md#anchored-rounds): the network ranks the collection better than HOG-LDA but its nearest
     # neighbours, which the next cliques come from, are worse; the output features stay the network's.
-    "anchored_rounds": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]",
-                        "neighbours.anchor_round0=0.5"],
+    "anchored_rounds": [*SHORTER_ROUNDS, "neighbours.anchor_round0=0.5"],
     # The same purer cliques, each later round training a new network from scratch for as long as round 1
     # (train.fresh_rounds): is it fine-tuning the last round's network that makes the later rounds fall back?
     "fresh_rounds": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "neighbours.anchor_round0=0.5",
                      "train.fresh_rounds=true", "train.round_steps=[1500,1500,1500]"],
     # The selected later rounds (shorter_rounds) also training on round 0's batches (train.replay_round0):
     # round 0's cliques were the purest measured, and each later round fell back from the one before.
-    "replay_rounds": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]",
-                      "train.replay_round0=true"],
+    "replay_rounds": [*SHORTER_ROUNDS, "train.replay_round0=true"],
     # Both changes to the later rounds together: anchored cliques, and round 0's batches replayed beside them.
-    "anchored_replay": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]",
-                        "neighbours.anchor_round0=0.5", "train.replay_round0=true"],
+    "anchored_replay": [*SHORTER_ROUNDS, "neighbours.anchor_round0=0.5", "train.replay_round0=true"],
     # replay_rounds with half the steps in its last round: with replay round 2 gained and round 3 fell back,
     # so does the last fine-tuning overshoot?
     "replay_short_last": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,250]",
@@ -82,12 +80,10 @@ VARIANTS = {
     # The selected variant (shorter_rounds) with augmentation as wide as the clips' own slow drifts (rotation
     # ±20°, scale 0.8–1.2; moving_fashion_mnist.py) instead of the defaults' ±10° and 0.9–1.1: cross-video
     # queries meet the item at another scale and angle than any frame of their own clip.
-    "clip_range_augment": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]",
-                           "train.aug_rotate=20.0", "train.aug_scale=0.2"],
+    "clip_range_augment": [*SHORTER_ROUNDS, "train.aug_rotate=20.0", "train.aug_scale=0.2"],
     # The selected variant again with another training seed (weights and sampling; the clips are the run's):
     # how far apart do identical settings land, and do its later rounds fall back under this seed too?
-    "shorter_rounds_seed1": [*MOTION_CROP_POOL5, "cliques.num_cliques=800", "train.round_steps=[1500,500,500]",
-                             "train.seed=1"],
+    "shorter_rounds_seed1": [*SHORTER_ROUNDS, "train.seed=1"],
 }
 # Repeats of a variant's settings under another seed measure the spread; choosing among seeds would be
 # choosing noise, so they are never selected.
@@ -152,9 +148,10 @@ def measured_with() -> dict:
     digest = hashlib.sha256()
     for path in sorted((ROOT / "cliquecnn_ray").rglob("*.py")):
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor())
     return {"package_sha256": digest.hexdigest()[:16], "cpu": cpu}
 
 
