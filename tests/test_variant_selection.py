@@ -48,3 +48,20 @@ def test_measured_with_names_the_code_and_cpu():
     stamp = variants.measured_with()
     assert len(stamp["package_sha256"]) == 16 and stamp["cpu"]
     assert stamp == variants.measured_with()
+
+
+def test_the_margin_widens_to_the_seed_spread_of_the_incumbents_settings():
+    measured = {"shorter_rounds": measurement(0.70), "shorter_rounds_seed1": measurement(0.68),
+                "shorter_rounds_seed2": measurement(0.71), "new": measurement(0.72)}
+    assert variants.seed_spread(measured, "shorter_rounds") == pytest.approx(0.03)
+    assert variants.margin(measured, "shorter_rounds") == pytest.approx(0.03)
+    assert variants.select(measured, "shorter_rounds") == "shorter_rounds"  # 0.02 above: within the spread
+    measured["new"] = measurement(0.74)
+    assert variants.select(measured, "shorter_rounds") == "new"
+
+
+def test_a_repeat_measured_with_other_code_does_not_count_towards_the_spread():
+    measured = {"shorter_rounds": measurement(0.70),
+                "shorter_rounds_seed1": measurement(0.60, {"package_sha256": "b", "cpu": "x"})}
+    assert variants.seed_spread(measured, "shorter_rounds") == 0.0
+    assert variants.margin(measured, "shorter_rounds") == variants.MARGIN
