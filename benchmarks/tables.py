@@ -66,23 +66,26 @@ def summary(result: dict) -> str:
 
 def variants_table(result: dict) -> list[str]:
     """The method's variants on the validation clips: AUC of each round, the selected one marked, what
-    round 0's cliques gather (cross-clip pairs sharing a photograph / a class, as multiples of chance), and
-    whether the variant could compete with the selected one (measured with its code and CPU)."""
+    round 0's cliques gather (cross-clip pairs sharing a photograph / a class, as multiples of chance), round
+    0's training loss at its end where recorded, and whether the variant could compete with the selected one
+    (measured with its code and CPU)."""
     measured = result["variants"]
     excluded = result.get("not_selectable") or {}
     rounds = max(len(m["per_round_validation"]) for m in measured.values())
     out = ["| variant | overrides | " + " | ".join(f"round {r}" for r in range(rounds))
-           + " | round-0 cliques: photograph × chance | class × chance | comparable with the selected |",
-           "|---|---|" + "---:|" * (rounds + 2) + "---|"]
+           + " | round-0 cliques: photograph × chance | class × chance | round-0 training loss"
+           " | comparable with the selected |",
+           "|---|---|" + "---:|" * (rounds + 3) + "---|"]
     for name, m in measured.items():
         mark = " (selected)" if name == result.get("selected") else ""
         cells = " | ".join(_cell(r["auc"]) for r in m["per_round_validation"])
         purity = (m.get("clique_purity") or [{}])[0]
         ratios = [f"{purity[k] / purity[k + '_chance']:.1f}" if purity.get("pairs") else "–"
                   for k in ("same_photograph", "same_class")]
+        loss = f"{m['train_loss'][0]:.2f}" if m.get("train_loss") else "–"
         comparable = "no" if name in excluded else "yes"
         out.append(f"| {name}{mark} | {' '.join(m['overrides']) or '(the config)'} | {cells} | "
-                   + " | ".join(ratios) + f" | {comparable} |")
+                   + " | ".join(ratios) + f" | {loss} | {comparable} |")
     return out
 
 

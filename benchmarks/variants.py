@@ -28,6 +28,7 @@ from benchmarks.moving_fashion_mnist import clique_purity  # noqa: E402
 from cliquecnn_ray import raysetup, rundir  # noqa: E402
 from cliquecnn_ray.config import config_hash, load_config  # noqa: E402
 from cliquecnn_ray.pipeline import resolve_builtin_data, run_pipeline  # noqa: E402
+from cliquecnn_ray.rundir import StageDir  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "variants.json"
 CONFIG = ROOT / "configs" / "moving_fashion_mnist.yaml"
@@ -86,6 +87,9 @@ VARIANTS = {
     "shorter_rounds_seed1": [*SHORTER_ROUNDS, "train.seed=1"],
     # A third seed: two runs give one difference, which says little about how far apart seeds land.
     "shorter_rounds_seed2": [*SHORTER_ROUNDS, "train.seed=2"],
+    # Five times the learning rate: round 0's loss is still falling steadily at its last step (from chance,
+    # ln 20, to about 2.2 of it), so is the network under-trained at AdaGrad's 0.001 rather than short of steps?
+    "higher_lr": [*SHORTER_ROUNDS, "train.lr=0.005"],
 }
 # Repeats of a variant's settings under another seed measure the spread; choosing among seeds would be
 # choosing noise, so they are never selected.
@@ -97,7 +101,7 @@ STARTS_FROM = {"gentle_rounds": ("more_cliques",), "shorter_rounds": ("more_cliq
                "anchored_rounds": ("shorter_rounds",), "fresh_rounds": ("anchored_rounds",),
                "replay_rounds": ("shorter_rounds",), "anchored_replay": ("anchored_rounds",),
                "replay_short_last": ("replay_rounds",), "shorter_rounds_seed1": ("shorter_rounds",),
-               "shorter_rounds_seed2": ("shorter_rounds",)}
+               "shorter_rounds_seed2": ("shorter_rounds",), "higher_lr": ("shorter_rounds",)}
 # The selection rule, fixed before the anchored_rounds sweep: the variant the config carries (the last
 # ``selected``) stays unless another's final-round validation AUC is more than MARGIN above it. Validation
 # and test once disagreed by less than this about two variants that differ only in their later rounds' length.
@@ -139,8 +143,18 @@ def measure(name: str, overrides: list[str], earlier: dict | None = None) -> dic
         seconds = earlier["seconds"]  # every stage was committed already: the time is the run that made them
     # What each round's cliques gather (photograph or class), read from training clips only for diagnosis.
     return {"overrides": overrides, "per_round_validation": per_round, "seconds": seconds,
-            "clique_purity": clique_purity(cfg), "measured_with": measured_with(),
+            "clique_purity": clique_purity(cfg), "train_loss": train_loss(cfg), "measured_with": measured_with(),
             **({"started_from": parent} if parent else {})}
+
+
+def train_loss(cfg) -> list[float]:
+    """Each round's training loss at its end (the mean of its last ten logged losses, from the model stage's
+    record): how far the network got at telling its cliques apart (chance is ln(cliques_per_batch))."""
+    out = []
+    for r in range(cfg.rounds):
+        losses = [loss for _, loss in StageDir(cfg.run, r, "model").require()["stats"]["losses"][-10:]]
+        out.append(round(sum(losses) / len(losses), 3))
+    return out
 
 
 def measured_with() -> dict:
