@@ -179,10 +179,11 @@ def render() -> str:
                   f"{base}), from `benchmarks/results/variants.json` (`benchmarks/variants.py`):", ""]
         lines += variants_table(variants)
     if (results / "seeds.json").exists():
-        lines += ["", "**Moving Fashion-MNIST: the config under three training seeds** (test AUC, cross-video, "
-                  "validation AUC in brackets), from `benchmarks/results/seeds.json` (`benchmarks/seeds.py`); "
-                  "seed 0 is the run of the Moving Fashion-MNIST table above:", ""]
-        lines += seeds_table(json.loads((results / "seeds.json").read_text()))
+        seeds = json.loads((results / "seeds.json").read_text())
+        lines += ["", f"**Moving Fashion-MNIST: the config under {len(seeds['per_seed'])} training seeds** (test "
+                  "AUC, cross-video, validation AUC in brackets), from `benchmarks/results/seeds.json` "
+                  "(`benchmarks/seeds.py`); seed 0 is the run of the Moving Fashion-MNIST table above:", ""]
+        lines += seeds_table(seeds)
     if (results / "serve.json").exists():
         serve = json.loads((results / "serve.json").read_text())
         diffusion, moving = (json.loads((results / name).read_text()) if (results / name).exists() else None

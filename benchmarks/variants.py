@@ -87,8 +87,8 @@ VARIANTS = {
     "shorter_rounds_seed1": [*SHORTER_ROUNDS, "train.seed=1"],
     # A third seed: two runs give one difference, which says little about how far apart seeds land.
     "shorter_rounds_seed2": [*SHORTER_ROUNDS, "train.seed=2"],
-    # Five times the learning rate: round 0's loss is still falling steadily at its last step (from chance,
-    # ln 20, to about 2.2 of it), so is the network under-trained at AdaGrad's 0.001 rather than short of steps?
+    # Five times the learning rate: round 0's loss is still falling steadily at its last step (``train_loss``
+    # against chance, ln 20), so is the network under-trained at AdaGrad's 0.001 rather than short of steps?
     "higher_lr": [*SHORTER_ROUNDS, "train.lr=0.005"],
 }
 # Repeats of a variant's settings under another seed measure the spread; choosing among seeds would be

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
 
 from cliquecnn_ray import raysetup
+from tests.raycluster import free_port
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +19,6 @@ def ray_session():
     raysetup.init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class S3Server:
@@ -57,7 +51,7 @@ class S3Server:
 
 
 # The endpoint is fixed before any Ray worker starts, so workers inherit it like the driver does.
-S3_PORT = _free_port()
+S3_PORT = free_port()
 os.environ.update(
     {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import urllib.error
 import urllib.request
 
@@ -19,17 +18,12 @@ from cliquecnn_ray import cli, schema, search, storage
 from cliquecnn_ray.ann import build_index
 from cliquecnn_ray.config import ServeConfig
 from cliquecnn_ray.rundir import StageDir, StageNotCommitted
+from tests.raycluster import free_port
 
 MAX_K = 30
 # float32 inner products over d = 1536 summed in another order (BLAS blocks a matrix product differently from
 # a matrix-vector product) differ in the fifth decimal.
 SCORE_ATOL = 5e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Client:
@@ -58,7 +52,7 @@ def served(searchable_run):
     from cliquecnn_ray import service
 
     run, cfg, _ = searchable_run
-    cfg = dataclasses.replace(cfg, serve=ServeConfig(shards=2, cpus_per_replica=0, threads=2, port=_free_port(),
+    cfg = dataclasses.replace(cfg, serve=ServeConfig(shards=2, cpus_per_replica=0, threads=2, port=free_port(),
                                                      max_k=MAX_K, thumbnail_size=40, max_upload_mb=0.5))
     url = service.start(cfg, run)
     yield Client(url), run, cfg
